@@ -1,0 +1,77 @@
+"""Checks on model inputs, shared by the three frameworks so that bad input gets the same clear error everywhere.
+
+Frameworks differ in how they fail on bad indices: PyTorch raises deep inside an embedding kernel, JAX and XLA
+clamp silently. So every implementation calls `validate_inputs` on concrete (host) values before computing; inside
+a compiled decode step, where values are symbolic, the checks are skipped (the decode loop feeds only ids the model
+itself produced).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from opt_core.config import OPTConfig
+from opt_core.errors import InputError
+
+
+def validate_inputs(
+    config: OPTConfig,
+    input_ids: np.ndarray | None,
+    attention_mask: np.ndarray | None,
+    position_ids: np.ndarray | None,
+    past_length: int,
+    batch_and_length: tuple[int, int],
+) -> None:
+    """Raises InputError naming the problem (token id, length, shape). Arrays are host numpy arrays.
+
+    Args:
+        input_ids: B T token ids, or None when the caller passes embeddings.
+        attention_mask: B (past_length + T), 1 for real tokens and 0 for padding, or None.
+        position_ids: B T explicit positions, or None.
+        past_length: positions already in the cache.
+        batch_and_length: (B, T) of the new tokens.
+    """
+    batch, length = batch_and_length
+    if input_ids is not None:
+        _check_token_ids(config, input_ids)
+    if attention_mask is not None:
+        want = (batch, past_length + length)
+        if tuple(attention_mask.shape) != want:
+            raise InputError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, but {length} new tokens in a batch "
+                f"of {batch} after {past_length} cached positions need shape {want}"
+            )
+        if not np.isin(attention_mask, (0, 1)).all():
+            raise InputError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    if position_ids is not None:
+        if tuple(position_ids.shape) != (batch, length):
+            raise InputError(
+                f"position_ids has shape {tuple(position_ids.shape)}, expected {(batch, length)} like input_ids"
+            )
+        last = int(position_ids.max(initial=-1))
+        if int(position_ids.min(initial=0)) < -2:
+            raise InputError(f"position_ids must be >= -2 (OPT looks positions up at +2), got {position_ids.min()}")
+    elif attention_mask is not None:
+        last = int(attention_mask.sum(axis=1).max(initial=0)) - 1
+    else:
+        last = past_length + length - 1
+    if last >= config.max_position_embeddings:
+        raise InputError(
+            f"the sequence needs position {last}, but the model has max_position_embeddings="
+            f"{config.max_position_embeddings}: inputs (cache included) may be at most "
+            f"{config.max_position_embeddings} tokens long"
+        )
+
+
+def _check_token_ids(config: OPTConfig, input_ids: np.ndarray) -> None:
+    if not np.issubdtype(input_ids.dtype, np.integer):
+        raise InputError(f"input_ids must be integers, got dtype {input_ids.dtype}")
+    if input_ids.size == 0:
+        return
+    bad = (input_ids < 0) | (input_ids >= config.vocab_size)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(
+            f"token id {int(input_ids[where])} at position {where} is out of range: the model's vocab_size is "
+            f"{config.vocab_size} (ids must be in [0, {config.vocab_size}))"
+        )

@@ -1,0 +1,467 @@
+"""OPT in PyTorch: attention, decoder layer, decoder, `OPTModel` and the three heads, top to bottom.
+
+Siblings: `opt_tf/modeling.py` (Keras 3) and `opt_flax/modeling.py` (Flax) have the same classes, attributes,
+argument order and comments; a diff between them shows framework idioms only. Attribute names equal HF's
+checkpoint names, so `state_dict()` keys are the canonical names of `opt_core.weights`.
+
+Shapes: B batch, T query length, S key/cache length, N heads, H head dim, D hidden, E word-embedding dim,
+F ffn dim, V vocab, L layers, C labels.
+
+Caches: `past_key_values` is HF's layout, per layer (k, v) each B N S H; a forward with `use_cache=True` returns
+the grown tuple. `StaticKVCache` (in `opt_torch.generation`) preallocates the same layout for compiled decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opt_core.config import OPTConfig
+from opt_core.inputs import validate_inputs
+from opt_core.outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+)
+from opt_torch.pretrained import PreTrainedOPT
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def make_position_ids(attention_mask: torch.Tensor, past_length: int) -> torch.Tensor:
+    # OPT quirk: positions count real tokens only, `cumsum(mask) * mask - 1` over the full (past + current) mask,
+    # so left padding does not shift them; padded slots get -1. B S -> B T
+    positions = torch.cumsum(attention_mask, dim=1) * attention_mask - 1
+    return positions[:, past_length:].long()
+
+
+def make_attention_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """B S padding mask -> B 1 T S boolean mask, True where query t may attend key s (causal and not padded)."""
+    key_length = attention_mask.shape[1]
+    past_length = key_length - query_length
+    query_pos = torch.arange(query_length, device=attention_mask.device)[:, None] + past_length
+    key_pos = torch.arange(key_length, device=attention_mask.device)[None, :]
+    allowed = (key_pos <= query_pos)[None, None] & attention_mask[:, None, None, :].bool()
+    # A query with nothing to attend to (a padded slot) attends everywhere instead of producing NaN; outputs at
+    # padded positions are implementation-defined and never compared.
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+class OPTLearnedPositionalEmbedding(nn.Embedding):
+    """OPT's position table: max_position_embeddings + 2 rows, looked up at position + 2."""
+
+    # OPT quirk: metaseq reserved rows 0 and 1, so positions are looked up at `+ 2`.
+    offset = 2
+
+    def __init__(self, num_positions: int, embedding_dim: int):
+        super().__init__(num_positions + self.offset, embedding_dim)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(position_ids + self.offset)  # B T -> B T D
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.attn_implementation = "sdpa"
+        d, bias = config.hidden_size, config.enable_bias
+        self.k_proj = nn.Linear(d, d, bias=bias)
+        self.v_proj = nn.Linear(d, d, bias=bias)
+        self.q_proj = nn.Linear(d, d, bias=bias)
+        self.out_proj = nn.Linear(d, d, bias=bias)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # B T D -> B N T H
+
+    def forward(self, hidden_states, mask, past_key_value=None, output_attentions=False):
+        # OPT quirk: the projected query (bias included) is scaled by head_dim ** -0.5 before q @ k; the
+        # attention below then runs with scale 1. Never scale twice.
+        q = self._split_heads(self.q_proj(hidden_states) * self.scaling)  # B N T H
+        k = self._split_heads(self.k_proj(hidden_states))  # B N T H
+        v = self._split_heads(self.v_proj(hidden_states))  # B N T H
+        if past_key_value is not None:
+            k = torch.cat([past_key_value[0], k], dim=2)  # B N S H
+            v = torch.cat([past_key_value[1], v], dim=2)  # B N S H
+        dropout = self.dropout if self.training else 0.0
+        probs = None
+        if self.attn_implementation == "sdpa" and not output_attentions:
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
+        else:
+            scores = q @ k.transpose(-1, -2)  # B N T S
+            # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            attn = F.dropout(probs, p=dropout, training=self.training) @ v  # B N T H
+        b, _, t, _ = attn.shape
+        attn = attn.transpose(1, 2).reshape(b, t, -1)  # B N T H -> B T D
+        return self.out_proj(attn), (k, v), probs
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.do_layer_norm_before = config.do_layer_norm_before
+        self.dropout = config.dropout
+        self.activation_fn = ACTIVATIONS[config.activation_function]
+        affine = config.layer_norm_elementwise_affine
+        self.self_attn = OPTAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
+        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
+
+    def forward(self, hidden_states, mask, past_key_value=None, output_attentions=False):
+        # OPT quirk: opt-350m (do_layer_norm_before=False) is post-LN; every other size is pre-LN.
+        residual = hidden_states
+        if self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+        hidden_states, present, probs = self.self_attn(hidden_states, mask, past_key_value, output_attentions)
+        hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
+        if not self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+
+        residual = hidden_states
+        if self.do_layer_norm_before:
+            hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = self.fc2(self.activation_fn(self.fc1(hidden_states)))  # B T D -> B T F -> B T D
+        hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
+        if not self.do_layer_norm_before:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return hidden_states, present, probs
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.config = config
+        self.dropout = config.dropout
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.word_embed_proj_dim, padding_idx=config.pad_token_id)
+        self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, config.hidden_size)
+        # OPT quirk: opt-350m embeds tokens in E = word_embed_proj_dim != D; project_in maps E -> D before the
+        # positions are added, project_out maps D -> E after the final norm.
+        if config.has_projection:
+            self.project_out = nn.Linear(config.hidden_size, config.word_embed_proj_dim, bias=False)
+            self.project_in = nn.Linear(config.word_embed_proj_dim, config.hidden_size, bias=False)
+        else:
+            self.project_out = self.project_in = None
+        if config.has_final_layer_norm:
+            self.final_layer_norm = nn.LayerNorm(
+                config.hidden_size, elementwise_affine=config.layer_norm_elementwise_affine
+            )
+        else:
+            self.final_layer_norm = None
+        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=False,
+        output_attentions=False,
+        output_hidden_states=False,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and input_ids.dim() == 1:
+            input_ids = input_ids[None]  # T -> 1 T, as HF does
+        past_length = past_key_values[0][0].shape[2] if past_key_values else 0
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if not torch.compiler.is_compiling():
+            _validate(self.config, input_ids, attention_mask, position_ids, past_length, (batch, length))
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # B T E
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_length + length, device=inputs_embeds.device)
+        attention_mask = attention_mask.to(inputs_embeds.device, torch.long)
+        if position_ids is None:
+            position_ids = make_position_ids(attention_mask, past_length)
+        mask = make_attention_mask(attention_mask, length)  # B 1 T S
+
+        if self.project_in is not None:
+            inputs_embeds = self.project_in(inputs_embeds)  # B T E -> B T D
+        hidden_states = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)
+        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
+
+        all_hidden, all_attn, presents = [], [], []
+        for i, layer in enumerate(self.layers):
+            all_hidden.append(hidden_states)
+            past = past_key_values[i] if past_key_values else None
+            hidden_states, present, probs = layer(hidden_states, mask, past, output_attentions)
+            presents.append(present)
+            all_attn.append(probs)
+
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        if self.project_out is not None:
+            hidden_states = self.project_out(hidden_states)  # B T D -> B T E
+        # As HF: L + 1 entries, each layer's input, then the final (normed, projected) state.
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=tuple(presents) if use_cache else None,
+            hidden_states=(*all_hidden, hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+        )
+
+
+def _validate(config, input_ids, attention_mask, position_ids, past_length, batch_and_length):
+    def host(x):
+        return None if x is None else x.detach().cpu().numpy()
+
+    validate_inputs(
+        config,
+        host(input_ids),
+        host(attention_mask),
+        host(position_ids),
+        past_length,
+        batch_and_length,
+    )
+
+
+class OPTModel(PreTrainedOPT):
+    """The bare OPT decoder: last hidden states (B T E), HF's `OPTModel`.
+
+    Args:
+        config: the model's OPTConfig.
+    """
+
+    head = "base"
+
+    def __init__(self, config: OPTConfig):
+        super().__init__(config)
+        self.decoder = OPTDecoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        out = self.decoder(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            inputs_embeds,
+            self.config.use_cache if use_cache is None else use_cache,
+            bool(output_attentions),
+            bool(output_hidden_states),
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class OPTForCausalLM(PreTrainedOPT):
+    """OPT with its language-model head (tied to `embed_tokens` unless the config unties it).
+
+    Args:
+        config: the model's OPTConfig.
+    """
+
+    head = "causal_lm"
+
+    def __init__(self, config: OPTConfig):
+        super().__init__(config)
+        self.model = OPTModel(config)
+        # OPT quirk: the LM head works in E = word_embed_proj_dim space and is tied to embed_tokens.
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        logits_to_keep: int = 0,
+    ):
+        out = self.model(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            inputs_embeds,
+            use_cache,
+            output_attentions,
+            output_hidden_states,
+        )
+        hidden_states = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
+        logits = self.lm_head(hidden_states)  # B T E -> B T V
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF's causal-LM loss: token t predicts label t + 1; label -100 is ignored; mean over counted tokens."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # B (T-1) V -> B(T-1) V
+    shift_labels = labels[:, 1:].to(logits.device).reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def last_non_pad_index(input_ids, pad_token_id, batch_size):
+    """HF's rule: the rightmost token that is not pad_token_id (so left and right padding both work)."""
+    if pad_token_id is None:
+        if batch_size != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        return -1
+    if input_ids is None:
+        return -1  # with inputs_embeds the padding cannot be seen: take the last position, as HF does
+    non_pad = (input_ids != pad_token_id).int()
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32)
+    return (positions * non_pad).argmax(-1)
+
+
+class OPTForSequenceClassification(PreTrainedOPT):
+    """OPT with a linear classifier read at each row's last non-pad token.
+
+    Args:
+        config: the model's OPTConfig; `num_labels` / `id2label` set the classes, `problem_type` the loss.
+    """
+
+    head = "sequence_classification"
+
+    def __init__(self, config: OPTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = OPTModel(config)
+        self.score = nn.Linear(config.word_embed_proj_dim, self.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        out = self.model(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            inputs_embeds,
+            use_cache,
+            output_attentions,
+            output_hidden_states,
+        )
+        logits = self.score(out.last_hidden_state)  # B T E -> B T C
+        batch = logits.shape[0]
+        last = last_non_pad_index(input_ids, self.config.pad_token_id, batch)
+        pooled = logits[torch.arange(batch, device=logits.device), last]  # B C
+        loss = self._loss(pooled, labels) if labels is not None else None
+        result = SequenceClassifierOutputWithPast(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+            self.config.problem_type = problem  # HF records the choice on the config
+        if problem == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(pooled.squeeze(), labels.squeeze().to(pooled.dtype))
+            return F.mse_loss(pooled, labels.to(pooled.dtype))
+        if problem == "single_label_classification":
+            return F.cross_entropy(pooled.view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype))
+
+
+class OPTForQuestionAnswering(PreTrainedOPT):
+    """OPT with a span-extraction head: start and end logits per token.
+
+    Args:
+        config: the model's OPTConfig.
+    """
+
+    head = "question_answering"
+
+    def __init__(self, config: OPTConfig):
+        super().__init__(config)
+        self.model = OPTModel(config)
+        self.qa_outputs = nn.Linear(config.word_embed_proj_dim, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        out = self.model(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            inputs_embeds,
+            use_cache,
+            output_attentions,
+            output_hidden_states,
+        )
+        logits = self.qa_outputs(out.last_hidden_state)  # B T E -> B T 2
+        start_logits, end_logits = (x.squeeze(-1).contiguous() for x in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+        result = QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+
+def span_loss(start_logits, end_logits, start_positions, end_positions) -> torch.Tensor:
+    """HF's QA loss: positions outside the sequence are clamped to T and ignored; mean of start and end."""
+    ignored = start_logits.shape[1]
+    start = start_positions.reshape(-1).clamp(0, ignored).to(start_logits.device)
+    end = end_positions.reshape(-1).clamp(0, ignored).to(start_logits.device)
+    return (
+        F.cross_entropy(start_logits, start, ignore_index=ignored)
+        + F.cross_entropy(end_logits, end, ignore_index=ignored)
+    ) / 2
