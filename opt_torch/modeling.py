@@ -52,10 +52,7 @@ def make_attention_mask(attention_mask: torch.Tensor, query_length: int) -> torc
     past_length = key_length - query_length
     query_pos = torch.arange(query_length, device=attention_mask.device)[:, None] + past_length
     key_pos = torch.arange(key_length, device=attention_mask.device)[None, :]
-    allowed = (key_pos <= query_pos)[None, None] & attention_mask[:, None, None, :].bool()
-    # A query with nothing to attend to (a padded slot) attends everywhere instead of producing NaN; outputs at
-    # padded positions are implementation-defined and never compared.
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
+    return (key_pos <= query_pos)[None, None] & attention_mask[:, None, None, :].bool()
 
 
 class OPTLearnedPositionalEmbedding(nn.Embedding):
@@ -107,6 +104,9 @@ class OPTAttention(nn.Module):
             # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+            # A query with nothing to attend to (a padded slot) gets zero attention, as torch's SDPA gives and so
+            # HF's default; this matters for the loss, where a pad slot's logits predict the first real token.
+            probs = torch.where(mask, probs, 0.0)
             attn = F.dropout(probs, p=dropout, training=self.training) @ v  # B N T H
         b, _, t, _ = attn.shape
         attn = attn.transpose(1, 2).reshape(b, t, -1)  # B N T H -> B T D
