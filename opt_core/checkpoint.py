@@ -165,7 +165,9 @@ def write_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, fmt: 
     elif fmt == "tf":
         from opt_core.keras_h5 import write_h5
 
-        write_h5(dict(tensors), path, instance_name=_KERAS_INSTANCE)
+        # HDF5 has no bfloat16: such weights are stored as float32, which holds every bfloat16 value exactly.
+        tensors = {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in tensors.items()}
+        write_h5(tensors, path, instance_name=_KERAS_INSTANCE)
     elif fmt == "flax":
         from opt_core.flax_msgpack import unflatten, write_msgpack
 

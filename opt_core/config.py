@@ -122,6 +122,7 @@ class OPTConfig:
     layer_norm_elementwise_affine: bool = True
     tie_word_embeddings: bool = True
     id2label: dict[int, str] | None = None
+    num_labels: int | None = None
     problem_type: str | None = None
     dtype: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -131,6 +132,12 @@ class OPTConfig:
             self.word_embed_proj_dim = self.hidden_size
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+        # As HF: id2label is the source of truth; num_labels=N alone means labels LABEL_0 .. LABEL_{N-1}.
+        if self.num_labels is not None and (self.id2label is None or len(self.id2label) != self.num_labels):
+            if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1:
+                raise ConfigError(f"num_labels must be a positive integer, got {self.num_labels!r}")
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)} if self.num_labels != 2 else None
+        self.num_labels = len(self.id2label) if self.id2label else 2
         # Bookkeeping for an unchanged round trip: the file's key order, what the dtype key was called, and the
         # values as loaded (a key the file lacked is written only if its value changed since).
         self._file_keys: list[str] | None = None
@@ -143,10 +150,6 @@ class OPTConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.id2label) if self.id2label else 2
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -221,10 +224,6 @@ class OPTConfig:
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> OPTConfig:
         """Builds a config from config.json's keys; `overrides` win (HF's keyword overrides, `num_labels` too)."""
         data = {**data, **overrides}
-        if "num_labels" in data:
-            num_labels = data.pop("num_labels")
-            if data.get("id2label") is None or len(data["id2label"]) != num_labels:
-                data["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
         data.pop("label2id", None)  # derived from id2label
         model_type = data.get("model_type", "opt")
         if model_type != "opt":
@@ -267,7 +266,7 @@ class OPTConfig:
         values = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("extra", "dtype", "id2label")
+            if f.name not in ("extra", "dtype", "id2label", "num_labels")
         }
         if self.id2label is not None:
             # JSON object keys are strings; HF writes id2label and label2id together.
@@ -325,7 +324,7 @@ class OPTConfig:
         key = name.split("/")[-1].lower()
         if key not in PRESETS:
             raise ConfigError(f"unknown OPT preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[key], **overrides})
+        return cls.from_dict({**PRESETS[key], **overrides})
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
@@ -337,6 +336,8 @@ class OPTConfig:
     def replace(self, **changes: Any) -> OPTConfig:
         """A copy with some fields changed (the round-trip bookkeeping is kept)."""
         changes.setdefault("extra", copy.deepcopy(self.extra))
+        if "id2label" in changes and "num_labels" not in changes:
+            changes["num_labels"] = None  # derive it from the new labels
         new = dataclasses.replace(self, **changes)
         new._file_keys, new._dtype_key = self._file_keys, self._dtype_key
         new._loaded_values = dict(self._loaded_values)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import HEADS, VARIANTS, assert_close_on_real_tokens, sample_batch
 
 import opt_torch
-from conftest import HEADS, VARIANTS, assert_close_on_real_tokens, sample_batch
 from opt_core.errors import CheckpointError, InputError
 
 OURS = {
