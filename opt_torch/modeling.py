@@ -25,6 +25,7 @@ from opt_core.outputs import (
     QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
 )
+from opt_torch.generation import GenerationMixin
 from opt_torch.pretrained import PreTrainedOPT
 
 ACTIVATIONS = {
@@ -39,20 +40,43 @@ ACTIVATIONS = {
 }
 
 
-def make_position_ids(attention_mask: torch.Tensor, past_length: int) -> torch.Tensor:
+def make_position_ids(attention_mask: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
     # OPT quirk: positions count real tokens only, `cumsum(mask) * mask - 1` over the full (past + current) mask,
     # so left padding does not shift them; padded slots get -1. B S -> B T
     positions = torch.cumsum(attention_mask, dim=1) * attention_mask - 1
-    return positions[:, past_length:].long()
+    return positions[:, query_slots].long()
 
 
-def make_attention_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+def make_attention_mask(attention_mask: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
     """B S padding mask -> B 1 T S boolean mask, True where query t may attend key s (causal and not padded)."""
-    key_length = attention_mask.shape[1]
-    past_length = key_length - query_length
-    query_pos = torch.arange(query_length, device=attention_mask.device)[:, None] + past_length
-    key_pos = torch.arange(key_length, device=attention_mask.device)[None, :]
-    return (key_pos <= query_pos)[None, None] & attention_mask[:, None, None, :].bool()
+    key_slots = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    causal = key_slots[None, :] <= query_slots[:, None]  # T S
+    return causal[None, None] & attention_mask[:, None, None, :].bool()
+
+
+class StaticKVCache:
+    """Preallocated keys and values for compiled decoding: per layer B N S H, S = max_length.
+
+    The caller passes `cache_position` (the slots the new tokens are written to) and an attention mask over all
+    S slots (0 for slots not written yet), so every decode step sees the same shapes.
+
+    Args:
+        config: the model's OPTConfig.
+        batch_size: B.
+        max_length: S, prompt plus new tokens.
+        dtype, device: of the buffers (the model's).
+    """
+
+    def __init__(self, config: OPTConfig, batch_size: int, max_length: int, dtype=torch.float32, device=None):
+        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # B N S H
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+    def reorder(self, beam_index: torch.Tensor) -> None:
+        """Keeps the rows `beam_index` (beam search), in place."""
+        for cache in (self.keys, self.values):
+            for i, buffer in enumerate(cache):
+                cache[i] = buffer.index_select(0, beam_index)
 
 
 class OPTLearnedPositionalEmbedding(nn.Embedding):
@@ -92,7 +116,11 @@ class OPTAttention(nn.Module):
         q = self._split_heads(self.q_proj(hidden_states) * self.scaling)  # B N T H
         k = self._split_heads(self.k_proj(hidden_states))  # B N T H
         v = self._split_heads(self.v_proj(hidden_states))  # B N T H
-        if past_key_value is not None:
+        if past_key_value is not None and len(past_key_value) == 3:  # static cache: write at the given slots
+            k_cache, v_cache, slots = past_key_value
+            k = k_cache.index_copy_(2, slots, k)  # B N S H
+            v = v_cache.index_copy_(2, slots, v)  # B N S H
+        elif past_key_value is not None:
             k = torch.cat([past_key_value[0], k], dim=2)  # B N S H
             v = torch.cat([past_key_value[1], v], dim=2)  # B N S H
         dropout = self.dropout if self.training else 0.0
@@ -178,23 +206,31 @@ class OPTDecoder(nn.Module):
         use_cache=False,
         output_attentions=False,
         output_hidden_states=False,
+        cache_position=None,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None and input_ids.dim() == 1:
             input_ids = input_ids[None]  # T -> 1 T, as HF does
-        past_length = past_key_values[0][0].shape[2] if past_key_values else 0
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        static = isinstance(past_key_values, StaticKVCache)
+        if static and (cache_position is None or attention_mask is None):
+            raise ValueError("a StaticKVCache needs cache_position and an attention_mask over all its slots")
+        past_length = 0 if static else (past_key_values[0][0].shape[2] if past_key_values else 0)
         if not torch.compiler.is_compiling():
-            _validate(self.config, input_ids, attention_mask, position_ids, past_length, (batch, length))
+            mask_to_check = None if static else attention_mask
+            _validate(self.config, input_ids, mask_to_check, position_ids, past_length, (batch, length))
+        if cache_position is None:
+            cache_position = torch.arange(past_length, past_length + length, device=device)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # B T E
         if attention_mask is None:
-            attention_mask = torch.ones(batch, past_length + length, device=inputs_embeds.device)
-        attention_mask = attention_mask.to(inputs_embeds.device, torch.long)
+            attention_mask = torch.ones(batch, past_length + length, device=device)
+        attention_mask = attention_mask.to(device, torch.long)
         if position_ids is None:
-            position_ids = make_position_ids(attention_mask, past_length)
-        mask = make_attention_mask(attention_mask, length)  # B 1 T S
+            position_ids = make_position_ids(attention_mask, cache_position)
+        mask = make_attention_mask(attention_mask, cache_position)  # B 1 T S
 
         if self.project_in is not None:
             inputs_embeds = self.project_in(inputs_embeds)  # B T E -> B T D
@@ -204,7 +240,10 @@ class OPTDecoder(nn.Module):
         all_hidden, all_attn, presents = [], [], []
         for i, layer in enumerate(self.layers):
             all_hidden.append(hidden_states)
-            past = past_key_values[i] if past_key_values else None
+            if static:
+                past = (past_key_values.keys[i], past_key_values.values[i], cache_position)
+            else:
+                past = past_key_values[i] if past_key_values else None
             hidden_states, present, probs = layer(hidden_states, mask, past, output_attentions)
             presents.append(present)
             all_attn.append(probs)
@@ -216,7 +255,7 @@ class OPTDecoder(nn.Module):
         # As HF: L + 1 entries, each layer's input, then the final (normed, projected) state.
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=tuple(presents) if use_cache else None,
+            past_key_values=(past_key_values if static else tuple(presents)) if use_cache else None,
             hidden_states=(*all_hidden, hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
         )
@@ -275,7 +314,7 @@ class OPTModel(PreTrainedOPT):
         return out if return_dict is not False else out.to_tuple()
 
 
-class OPTForCausalLM(PreTrainedOPT):
+class OPTForCausalLM(PreTrainedOPT, GenerationMixin):
     """OPT with its language-model head (tied to `embed_tokens` unless the config unties it).
 
     Args:

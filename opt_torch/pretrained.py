@@ -22,6 +22,7 @@ from torch import nn
 from opt_core.checkpoint import load_checkpoint, save_checkpoint
 from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError
+from opt_core.generation import GENERATION_CONFIG_NAME, GenerationConfig
 from opt_core.hub import resolve_model
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -60,6 +61,13 @@ def torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
+
+
+def load_generation_config(folder: Path, config: OPTConfig) -> GenerationConfig:
+    """generation_config.json when the folder has one, else the special ids of the model's config (as HF)."""
+    if (Path(folder) / GENERATION_CONFIG_NAME).is_file():
+        return GenerationConfig.from_pretrained(folder)
+    return GenerationConfig.from_model_config(config)
 
 
 class PreTrainedOPT(nn.Module):
@@ -178,6 +186,8 @@ class PreTrainedOPT(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model._assign(match, target, device)
+        if hasattr(model, "generate"):
+            model.generation_config = load_generation_config(folder, config)
         model.set_attn_implementation(attn_implementation)
         return model.eval()
 
@@ -219,6 +229,8 @@ class PreTrainedOPT(nn.Module):
         config = self.config.replace(dtype=str(self.dtype).removeprefix("torch."))
         config.extra["architectures"] = [type(self).__name__]
         config.save_pretrained(folder)
+        if getattr(self, "generation_config", None) is not None:
+            self.generation_config.save_pretrained(folder)
         fmt = "safetensors" if safe_serialization else "pytorch"
         return save_checkpoint(
             self.canonical_state(),
