@@ -18,13 +18,14 @@ from opt_core.inputs import validate_inputs
 # ----- the model calls: prefill and one decode step
 
 
-def prefill(model, input_ids, attention_mask, cache, want_hidden=False):
-    """Runs the prompt (B T0) into the static cache; returns the last position's logits (B V) and hidden state."""
+def prefill(model, input_ids, attention_mask, cache):
+    """Runs the prompt (B T0) into the static cache; returns the last position's logits (B V) and the final
+    hidden states of every prompt position (B T0 E, after the final norm and project_out)."""
     slots = torch.arange(input_ids.shape[1], device=input_ids.device)
     hidden = model.model.decoder(
         input_ids, attention_mask, past_key_values=cache, use_cache=True, cache_position=slots
-    ).last_hidden_state[:, -1]
-    return model.lm_head(hidden).float(), (hidden if want_hidden else None)
+    ).last_hidden_state
+    return model.lm_head(hidden[:, -1]).float(), hidden
 
 
 def decode_step(model, tokens, attention_mask, cache, slot):
@@ -148,7 +149,7 @@ class GenerationMixin:
         if config.num_beams > 1:
             return beam_search(self, step, input_ids, attention_mask, plan, config, tokenizer)
         if config.penalty_alpha is not None and config.penalty_alpha > 0 and config.top_k > 1:
-            raise NotImplementedError("contrastive search is not implemented yet")
+            return contrastive_search(self, step, input_ids, attention_mask, plan, config, streamer, tokenizer)
         return sample_or_greedy(self, step, input_ids, attention_mask, plan, config, streamer, tokenizer)
 
     def _prepare_prompt(self, input_ids, attention_mask):
@@ -171,7 +172,7 @@ class GenerationMixin:
         return self._compiled_step
 
 
-def _start(model, input_ids, attention_mask, plan, want_hidden=False):
+def _start(model, input_ids, attention_mask, plan):
     """Buffers for a loop: sequences B S (pad-filled), the mask over S slots, the cache; and the prefill."""
     from opt_torch.modeling import StaticKVCache  # modeling imports this module for GenerationMixin
 
@@ -181,40 +182,99 @@ def _start(model, input_ids, attention_mask, plan, want_hidden=False):
     mask = torch.zeros((batch, plan.max_length), dtype=torch.long, device=input_ids.device)
     mask[:, :prompt] = attention_mask
     cache = StaticKVCache(model.config, batch, plan.max_length, model.dtype, input_ids.device)
-    logits, hidden = prefill(model, input_ids, mask, cache, want_hidden)
+    logits, hidden = prefill(model, input_ids, mask, cache)
     return sequences, mask, cache, logits, hidden
 
 
 def sample_or_greedy(model, step, input_ids, attention_mask, plan, config, streamer, tokenizer):
     sequences, mask, cache, logits, _ = _start(model, input_ids, attention_mask, plan)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
     first_real = (attention_mask != 0).int().argmax(dim=1)
     uniforms = torch.from_numpy(plan.uniforms).to(input_ids.device) if plan.uniforms is not None else None
-    eos = torch.tensor(plan.eos_ids, dtype=torch.long, device=input_ids.device)
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    stream = _Finisher(plan, input_ids, streamer, config, tokenizer)
     cur_len = plan.prompt_length
-    while cur_len < plan.max_length:
+    while True:
         scores = process_logits(logits, sequences, cur_len, plan, config, first_real)
         if config.do_sample:
             tokens = sample_from(warp_for_sampling(scores, config), uniforms[:, cur_len - plan.prompt_length])
         else:
             tokens = scores.argmax(dim=-1)
-        tokens = torch.where(unfinished, tokens, plan.pad_token_id)  # finished rows are padded, as HF
-        sequences[:, cur_len] = tokens
+        tokens = stream.record(sequences, cur_len, tokens)
         cur_len += 1
-        if streamer is not None:
-            streamer.put(tokens.cpu())
-        unfinished &= ~torch.isin(tokens, eos)
-        if config.stop_strings:
-            unfinished &= _not_stopped(sequences[:, :cur_len], config.stop_strings, tokenizer)
-        if cur_len == plan.max_length or not unfinished.any():
-            break
+        if stream.done(sequences, cur_len):
+            return sequences[:, :cur_len]
         mask[:, cur_len - 1] = 1
         logits, _ = step(model, tokens[:, None], mask, cache, torch.tensor([cur_len - 1], device=tokens.device))
-    if streamer is not None:
-        streamer.end()
-    return sequences[:, :cur_len]
+
+
+class _Finisher:
+    """Bookkeeping shared by the one-token-per-row loops: padding finished rows, eos, stop strings, streaming."""
+
+    def __init__(self, plan, input_ids, streamer, config, tokenizer):
+        self.plan, self.streamer, self.config, self.tokenizer = plan, streamer, config, tokenizer
+        self.eos = torch.tensor(plan.eos_ids, dtype=torch.long, device=input_ids.device)
+        self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+    def record(self, sequences, cur_len, tokens):
+        tokens = torch.where(self.unfinished, tokens, self.plan.pad_token_id)  # finished rows are padded, as HF
+        sequences[:, cur_len] = tokens
+        if self.streamer is not None:
+            self.streamer.put(tokens.cpu())
+        self.unfinished &= ~torch.isin(tokens, self.eos)
+        return tokens
+
+    def done(self, sequences, cur_len) -> bool:
+        if self.config.stop_strings:
+            self.unfinished &= _not_stopped(sequences[:, :cur_len], self.config.stop_strings, self.tokenizer)
+        finished = cur_len == self.plan.max_length or not self.unfinished.any()
+        if finished and self.streamer is not None:
+            self.streamer.end()
+        return finished
+
+
+def contrastive_search(model, step, input_ids, attention_mask, plan, config, streamer, tokenizer):
+    """Contrastive search as transformers 4.55 implements it: each step scores the top_k candidates by
+    (1 - alpha) * probability - alpha * (max cosine similarity of the candidate's final hidden state to the
+    context's), padded prompt positions excluded; the hidden states are taken after the final norm and project_out.
+    """
+    batch, top_k, alpha = input_ids.shape[0], config.top_k, config.penalty_alpha
+    expanded_ids = input_ids.repeat_interleave(top_k, dim=0)  # B*K rows: one per candidate
+    sequences, mask, cache, logits, context = _start(
+        model, expanded_ids, attention_mask.repeat_interleave(top_k, 0), plan
+    )
+    sequences, logits, context = sequences[::top_k].clone(), logits[::top_k], context[::top_k]  # B S, B V, B T0 E
+    context_mask = attention_mask.clone()  # B T0, grows by one real slot per step
+    first_real = (attention_mask != 0).int().argmax(dim=1)
+    stream = _Finisher(plan, input_ids, streamer, config, tokenizer)
+    rows = torch.arange(batch, device=input_ids.device)
+    cur_len = plan.prompt_length
+    while True:
+        scores = process_logits(logits, sequences, cur_len, plan, config, first_real)
+        top_probs, top_ids = torch.topk(torch.softmax(scores, dim=-1), k=top_k)  # B K
+        mask[:, cur_len] = 1
+        all_logits, hidden = step(
+            model, top_ids.reshape(-1, 1), mask, cache, torch.tensor([cur_len], device=rows.device)
+        )
+        selected = _rank_candidates(context, hidden.view(batch, top_k, -1), top_probs, context_mask, alpha)  # B
+        stream.record(sequences, cur_len, top_ids[rows, selected])
+        cache.reorder((rows * top_k + selected).repeat_interleave(top_k))  # every candidate row continues the pick
+        context = torch.cat([context, hidden.view(batch, top_k, -1)[rows, selected][:, None]], dim=1)
+        context_mask = torch.cat([context_mask, context_mask.new_ones((batch, 1))], dim=1)
+        logits = all_logits.view(batch, top_k, -1)[rows, selected]
+        cur_len += 1
+        if stream.done(sequences, cur_len):
+            return sequences[:, :cur_len]
+
+
+def _rank_candidates(context, candidates, probs, context_mask, alpha):
+    """context B S E, candidates B K E, probs B K, context_mask B S -> the best candidate per row (B)."""
+    context = context / context.norm(dim=-1, keepdim=True)
+    candidates = candidates / candidates.norm(dim=-1, keepdim=True)
+    cosine = candidates @ context.transpose(1, 2)  # B K S
+    cosine = cosine + ((1 - context_mask.to(cosine.dtype)) * torch.finfo(cosine.dtype).min)[:, None, :]
+    penalty = cosine.max(dim=-1).values  # B K
+    return ((1.0 - alpha) * probs - alpha * penalty).argmax(dim=-1)
 
 
 def _not_stopped(sequences, stop_strings, tokenizer):

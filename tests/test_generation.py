@@ -3,11 +3,14 @@ that implements it; and the three frameworks against each other for deterministi
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-
 from conftest import sample_batch
+
 from opt_core.errors import ConfigError
 
 FRAMEWORKS = ["torch"]
@@ -170,3 +173,22 @@ def test_compiled_decode_step_gives_the_same_ids(oracle_and_folder):
     ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
     eager = model.generate(ids, attention_mask=mask, max_new_tokens=10)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=10, compile=True), eager)
+
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "contrastive_search.json").read_text())
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("variant", sorted(GOLDEN["variants"]))
+def test_contrastive_search_equals_transformers_4_55(hf_checkpoint, framework, variant):
+    """Golden ids from tests/golden/make_contrastive_golden.py, run with transformers 4.55 (the oracle)."""
+    from golden.make_contrastive_golden import weights_checksum
+
+    folder, hf = hf_checkpoint(variant)
+    entry = GOLDEN["variants"][variant]
+    assert abs(weights_checksum(hf) - entry["checksum"]) < 1e-6 * entry["checksum"]  # the same tiny model
+    generate = load_generator(framework, folder)
+    ids, mask = np.array(entry["input_ids"]), np.array(entry["attention_mask"])
+    for name, case in entry.items():
+        if isinstance(case, dict):
+            np.testing.assert_array_equal(generate(ids, mask, **case["options"]), np.array(case["ids"]), err_msg=name)
