@@ -167,16 +167,13 @@ def write_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, fmt: 
 
         # HDF5 has no bfloat16: such weights are stored as float32, which holds every bfloat16 value exactly.
         tensors = {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in tensors.items()}
-        write_h5(tensors, path, instance_name=_KERAS_INSTANCE)
+        write_h5(tensors, path, instance_name=KERAS_INSTANCE_NAMES["causal_lm"])
     elif fmt == "flax":
         from opt_core.flax_msgpack import unflatten, write_msgpack
 
         write_msgpack(unflatten(dict(tensors)), path)
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
-
-
-_KERAS_INSTANCE = "tfopt_for_causal_lm"  # HF ignores the instance name on read; any name works
 
 
 # ----- folders: format detection, shards
@@ -221,6 +218,14 @@ def read_checkpoint(path: str | os.PathLike, fmt: str | None = None) -> tuple[st
     fmt, file = detect_format(path, fmt)
     if not file.name.endswith(".index.json"):
         return fmt, read_file(file, fmt)
+    if fmt == "tf":  # HF's TF shards are laid out unlike its single file; keras_h5 knows how
+        from opt_core.keras_h5 import read_h5_sharded
+
+        return fmt, read_h5_sharded(file)
+    if fmt == "flax":
+        from opt_core.flax_msgpack import flatten, read_msgpack_sharded
+
+        return fmt, flatten(read_msgpack_sharded(file))
     weight_map = _read_index(file)
     tensors: dict[str, np.ndarray] = {}
     for shard in dict.fromkeys(weight_map.values()):
@@ -304,6 +309,8 @@ def save_checkpoint(
     if dtype is not None:
         target = to_numpy_dtype(dtype)
         tensors = {k: v.astype(target, copy=False) for k, v in tensors.items()}
+    if fmt in ("tf", "flax"):
+        return _save_tf_or_flax(tensors, folder, fmt, head, parse_size(max_shard_size))
     shards = shard(tensors, parse_size(max_shard_size))
     base = WEIGHTS_NAME[fmt]
     if len(shards) == 1:
@@ -322,6 +329,29 @@ def save_checkpoint(
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return [*files, index_path]
 
+
+def _save_tf_or_flax(tensors, folder: Path, fmt: str, head: str, max_shard_size: int) -> list[Path]:
+    """HF's TF and Flax sharding differ from the torch formats' (layout, index keys): their modules do it."""
+    if fmt == "tf":
+        from opt_core.keras_h5 import write_h5_sharded
+
+        # HDF5 has no bfloat16: such weights are stored as float32, which holds every bfloat16 value exactly.
+        tensors = {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in tensors.items()}
+        names = write_h5_sharded(tensors, folder, KERAS_INSTANCE_NAMES[head], max_shard_size)
+    else:
+        from opt_core.flax_msgpack import unflatten, write_msgpack_sharded
+
+        names = write_msgpack_sharded(unflatten(dict(tensors)), folder, max_shard_size)
+    return [folder / name for name in names]
+
+
+# The instance names HF's TF port gives its models (ignored on read; kept so files look like HF's).
+KERAS_INSTANCE_NAMES = {
+    "base": "tfopt_model",
+    "causal_lm": "tfopt_for_causal_lm",
+    "sequence_classification": "tfopt_for_sequence_classification",
+    "question_answering": "tfopt_for_question_answering",
+}
 
 _DTYPES = {
     "float32": np.float32,

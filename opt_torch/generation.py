@@ -34,7 +34,7 @@ def decode_step(model, tokens, attention_mask, cache, slot):
     Every call has the same shapes, so `torch.compile` compiles it once per (B, S).
     """
     hidden = model.model.decoder(
-        tokens, attention_mask, past_key_values=cache, use_cache=True, cache_position=slot
+        tokens, attention_mask, past_key_values=cache, use_cache=True, cache_position=slot, validate=False
     ).last_hidden_state[:, -1]
     return model.lm_head(hidden).float(), hidden
 

@@ -207,6 +207,7 @@ class OPTDecoder(nn.Module):
         output_attentions=False,
         output_hidden_states=False,
         cache_position=None,
+        validate=True,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -218,7 +219,7 @@ class OPTDecoder(nn.Module):
         if static and (cache_position is None or attention_mask is None):
             raise ValueError("a StaticKVCache needs cache_position and an attention_mask over all its slots")
         past_length = 0 if static else (past_key_values[0][0].shape[2] if past_key_values else 0)
-        if not torch.compiler.is_compiling():
+        if validate and not torch.compiler.is_compiling():  # the decode loop feeds only ids the model produced
             mask_to_check = None if static else attention_mask
             _validate(self.config, input_ids, mask_to_check, position_ids, past_length, (batch, length))
         if cache_position is None:

@@ -1,0 +1,408 @@
+"""HF's TensorFlow checkpoint format (`tf_model.h5`, Keras-2 HDF5 weights), read/written with h5py.
+
+Siblings: `opt_core.flax_msgpack` (HF's `flax_model.msgpack`) and the safetensors /
+`pytorch_model.bin` code in `opt_core.checkpoint`. Nothing here imports tensorflow or keras.
+
+Weight names
+------------
+Keras 2 names a variable by its name scopes: `<instance>/<layer>/.../<leaf>:0`, e.g.
+`tfopt_for_causal_lm/model/decoder/layers.0/self_attn/q_proj/kernel:0`. The leading instance name
+(`tfopt_for_causal_lm`, `tfopt_for_causal_lm_1`, `tfopt_model`, ...) depends on how many models the
+writing process had built, so HF ignores it on read. This module's keys are names WITHOUT it
+(`model/decoder/layers.0/self_attn/q_proj/kernel:0`); readers report the instance name they found.
+
+Single file (`model.save_weights("tf_model.h5")`, tf-keras `legacy/hdf5_format.py`
+`save_weights_to_hdf5_group`; read by HF `modeling_tf_utils.load_tf_weights_from_h5`)
+---------------------------------------------------------------------------------
+- Root attributes: `layer_names` = names of the model's top-level layers in `model.layers` order
+  (for HF's OPT just `model`), `backend` = `b"tensorflow"`, `keras_version` = e.g. `b"2.21.0"`.
+- One group per top-level layer, created in sorted name order, with attribute `weight_names` =
+  the layer's full weight names (instance name included), trainable then non-trainable weights.
+- Each weight is a dataset at `<layer>/<full weight name>`, e.g.
+  `model/tfopt_for_causal_lm/model/decoder/embed_tokens/weight:0` (h5py makes a group per `/`),
+  with the variable's shape and dtype, contiguous, uncompressed.
+- tf-keras >= 2.13 adds a group `top_level_model_weights` whose `weight_names` lists weights owned
+  by the model itself; HF models have none, so it holds an empty list. It is not in `layer_names`,
+  readers ignore it, and HF's hub files predate it.
+- String list attributes are written by `save_attributes_to_hdf5_group`: a list of utf-8 `bytes`
+  stored as one attribute (h5py 3 makes it variable-length ASCII strings; older h5py fixed-length),
+  or, when the `np.asarray` of the list (dtype `S<longest>`) exceeds `HDF5_OBJECT_HEADER_LIMIT`
+  (64512) bytes, split with `np.array_split` into the fewest equal-ish chunks under the limit and
+  stored as fixed-length strings in attributes `<name>0`, `<name>1`, ... (large models' weight
+  lists). An empty list becomes an empty float64 array. Readers accept all of these.
+- Read: the weight name's first `/` component is dropped; the value is `group[full name]`.
+  A Keras-2 `model.save()` file keeps the same layout under a `model_weights` group; it is read too.
+  Keras 3 `.weights.h5` files are a different format.
+
+Sharded (HF `modeling_tf_utils.py`: `tf_shard_checkpoint`, `save_pretrained`, `load_tf_shard`)
+-----------------------------------------------------------------------------------------
+Not written by Keras but by HF directly, and laid out differently from the single file:
+- Weights are split greedily in `model.weights` order by `size * dtype.size` bytes, exactly as
+  for Flax (see `opt_core.flax_msgpack.plan_shards`); one shard means a plain `tf_model.h5`.
+- Files `tf_model-00001-of-0000N.h5` and `tf_model.h5.index.json` =
+  `json.dumps({"metadata": {"total_size": N}, "weight_map": {full weight name: shard file}},
+  indent=2, sort_keys=True) + "\\n"`. The index keys KEEP the instance name.
+- In each shard, weights sorted by full name are datasets at the root, named by the full name
+  without its first component (`model/decoder/layers.0/fc1/kernel:0`), except that names
+  containing `model.` or having no `/` are stored whole; the root's only attribute is
+  `layer_names` = those dataset names (utf-8, chunked as above). No `weight_names`, `backend` or
+  `keras_version`, no per-layer groups.
+- Read: HF opens `sorted(set(weight_map.values()))` and takes every dataset in `layer_names`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from opt_core.errors import CheckpointError
+from opt_core.flax_msgpack import (
+    atomic_write,
+    index_json_text,
+    plan_shards,
+    read_index,
+    remove_stale_weight_files,
+    shard_file_name,
+    unflatten,
+)
+
+__all__ = [
+    "HDF5_OBJECT_HEADER_LIMIT",
+    "TF2_WEIGHTS_INDEX_NAME",
+    "TF2_WEIGHTS_NAME",
+    "H5Weights",
+    "read_h5",
+    "read_h5_sharded",
+    "write_h5",
+    "write_h5_sharded",
+]
+
+TF2_WEIGHTS_NAME = "tf_model.h5"
+TF2_WEIGHTS_INDEX_NAME = "tf_model.h5.index.json"
+# What tf-keras writes into the root attributes; HF never reads them.
+KERAS_BACKEND = "tensorflow"
+KERAS_VERSION = "2.21.0"
+# tf-keras' limit for one attribute (the HDF5 object header is 64 KiB).
+HDF5_OBJECT_HEADER_LIMIT = 64512
+_TOP_LEVEL_GROUP = "top_level_model_weights"
+_LFS_POINTER = b"version https://git-lfs"
+# Kinds h5py stores natively; bfloat16 would silently become opaque 2-byte records.
+_STORABLE_KINDS = "biufc"
+
+
+class H5Weights(dict):
+    """Weights read from a Keras h5 file: `{name without instance: np.ndarray}`.
+
+    Attributes:
+        instance_name: The leading name component found in the file (`tfopt_for_causal_lm`), or
+            `""` when the file holds no weights.
+    """
+
+    def __init__(self, *args, instance_name: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.instance_name = instance_name
+
+
+# --------------------------------------------------------------------------------------------------
+# attributes, as tf-keras saves and loads them
+
+
+def save_attributes(group: h5py.Group, name: str, data: list[bytes]) -> None:
+    """Store a list of byte strings as tf-keras' `save_attributes_to_hdf5_group` does."""
+    too_long = [x for x in data if len(x) > HDF5_OBJECT_HEADER_LIMIT]
+    if too_long:
+        raise CheckpointError(f"names longer than {HDF5_OBJECT_HEADER_LIMIT} bytes: {too_long}")
+    data_npy = np.asarray(data)
+    num_chunks = 1
+    chunks = np.array_split(data_npy, num_chunks)
+    while any(chunk.nbytes > HDF5_OBJECT_HEADER_LIMIT for chunk in chunks):
+        num_chunks += 1
+        chunks = np.array_split(data_npy, num_chunks)
+    if num_chunks > 1:
+        for chunk_id, chunk in enumerate(chunks):
+            group.attrs[f"{name}{chunk_id}"] = chunk
+    else:
+        # The list itself, not data_npy: h5py stores a list of bytes as variable-length strings.
+        group.attrs[name] = data
+
+
+def load_attributes(group: h5py.Group, name: str) -> list[str] | None:
+    """Read `name` or its chunks `name0`, `name1`, ...; None when neither exists.
+
+    Raises:
+        CheckpointError: An entry is not a string.
+    """
+    if name in group.attrs:
+        values = list(group.attrs[name])
+    elif f"{name}0" in group.attrs:
+        values, chunk_id = [], 0
+        while f"{name}{chunk_id}" in group.attrs:
+            values.extend(group.attrs[f"{name}{chunk_id}"])
+            chunk_id += 1
+    else:
+        return None
+    names = [v.decode("utf8") if isinstance(v, bytes) else v for v in values]
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise CheckpointError(f"attribute {name!r} of {group.name!r} holds non-strings: {bad[:3]}")
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+@contextlib.contextmanager
+def _open_for_read(path: Path) -> Iterator[h5py.File]:
+    """Open an HDF5 file and turn every h5py failure inside the block into a CheckpointError."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LFS_POINTER))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    if head == _LFS_POINTER:
+        raise CheckpointError(
+            f"{path}: is a git-lfs pointer, not the weights; run `git lfs pull` in its repository"
+        )
+    try:
+        with h5py.File(path, "r") as f:
+            yield f
+    except CheckpointError:
+        raise
+    # h5py reports a bad signature, truncation and corrupt objects as OSError (sometimes KeyError
+    # or RuntimeError for broken links / headers).
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a readable HDF5 file ({e})") from None
+
+
+def _dataset(parent: h5py.Group, name: str, path: Path, what: str) -> np.ndarray:
+    node = parent.get(name)
+    if not isinstance(node, h5py.Dataset):
+        raise CheckpointError(f"{path}: {what} {name!r} has no dataset")
+    return np.asarray(node)  # as HF does; node[()] would give a numpy scalar for 0-d weights
+
+
+def _strip_instance(full_name: str) -> tuple[str, str]:
+    """`inst/model/x:0` -> (`inst`, `model/x:0`); a name without `/` has no instance part."""
+    instance, sep, rest = full_name.partition("/")
+    return (instance, rest) if sep else ("", full_name)
+
+
+def _not_keras(path: Path, missing: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: not a Keras weights file (no {missing!r} attribute); expected HF's tf_model.h5 "
+        "written by Keras 2 save_weights (Keras 3 '.weights.h5' files are another format)"
+    )
+
+
+def read_h5(path: str | os.PathLike) -> H5Weights:
+    """Read a single-file Keras-2 h5 weights file such as HF's `tf_model.h5`.
+
+    Args:
+        path: The `.h5` file.
+
+    Returns:
+        `H5Weights`: weight name without instance -> array, in file order; `.instance_name` is the
+        first weight's leading component.
+
+    Raises:
+        CheckpointError: The file is missing, not HDF5, truncated or corrupt, lacks `layer_names` or
+            a layer's `weight_names`, or a listed weight has no dataset or appears twice.
+    """
+    path = Path(path)
+    weights = H5Weights()
+    with _open_for_read(path) as f:
+        root = f
+        full_model_save = isinstance(f.get("model_weights"), h5py.Group)
+        if full_model_save and load_attributes(f, "layer_names") is None:
+            root = f["model_weights"]  # a Keras-2 `model.save()` file
+        layer_names = load_attributes(root, "layer_names")
+        if layer_names is None:
+            raise _not_keras(path, "layer_names")
+        for layer in layer_names:
+            group = root.get(layer)
+            if not isinstance(group, h5py.Group):
+                raise CheckpointError(f"{path}: layer {layer!r} is listed but has no group")
+            weight_names = load_attributes(group, "weight_names")
+            if weight_names is None:
+                raise _not_keras(path, f"{layer}/weight_names")
+            for full_name in weight_names:
+                instance, name = _strip_instance(full_name)
+                if name in weights:
+                    raise CheckpointError(f"{path}: weight {name!r} appears twice")
+                weights.instance_name = weights.instance_name or instance
+                weights[name] = _dataset(group, full_name, path, f"weight of layer {layer!r}")
+    return weights
+
+
+def read_h5_sharded(index_path: str | os.PathLike) -> H5Weights:
+    """Read HF's sharded TF checkpoint from its `tf_model.h5.index.json`.
+
+    Args:
+        index_path: The index file; shards are looked up beside it.
+
+    Returns:
+        `H5Weights` as `read_h5` gives; `.instance_name` comes from the index's weight names.
+
+    Raises:
+        CheckpointError: The index or a shard is missing or corrupt, a shard lacks `layer_names`,
+            or weights the index lists are absent from their shard.
+    """
+    index_path = Path(index_path)
+    weight_map = read_index(index_path)
+    first = next(iter(weight_map), "")
+    weights = H5Weights(instance_name=_strip_instance(first)[0])
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        with _open_for_read(shard_path) as f:
+            stored_names = load_attributes(f, "layer_names")
+            if stored_names is None:
+                raise _not_keras(shard_path, "layer_names")
+            for stored in stored_names:
+                # Stored names keep the instance exactly when the full name contains "model.".
+                name = _strip_instance(stored)[1] if "model." in stored else stored
+                weights[name] = _dataset(f, stored, shard_path, "weight")
+    missing = [k for k in weight_map if _strip_instance(k)[1] not in weights]
+    if missing:
+        raise CheckpointError(f"{index_path}: weights it lists are in no shard: {missing}")
+    return weights
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def _checked(weights: Mapping[str, object], instance_name: str) -> dict[str, np.ndarray]:
+    if not instance_name or "/" in instance_name:
+        raise CheckpointError(f"instance name {instance_name!r} must be one non-empty name part")
+    arrays = {}
+    for name, value in weights.items():
+        if not name or any(part == "" for part in name.split("/")):
+            raise CheckpointError(f"weight name {name!r} has an empty '/' component")
+        array = np.asarray(value)
+        if array.dtype.kind not in _STORABLE_KINDS:
+            raise CheckpointError(
+                f"cannot write {name!r}: dtype {array.dtype} has no native HDF5 type "
+                "(cast bfloat16 to float32 or float16 first)"
+            )
+        arrays[name] = array
+    unflatten(dict.fromkeys(arrays))  # raises if one name is a prefix "directory" of another
+    if _TOP_LEVEL_GROUP in {name.split("/", 1)[0] for name in arrays}:
+        raise CheckpointError(f"{_TOP_LEVEL_GROUP!r} is reserved by Keras for its own group")
+    return arrays
+
+
+def _store(parent: h5py.Group, name: str, array: np.ndarray) -> None:
+    dataset = parent.create_dataset(name, array.shape, dtype=array.dtype)
+    if array.shape:
+        dataset[:] = array
+    else:
+        dataset[()] = array  # scalars cannot be sliced
+
+
+def _save_subset(group: h5py.Group, items: list[tuple[str, np.ndarray]]) -> None:
+    """tf-keras' `save_subset_weights_to_hdf5_group`: names attribute, then one dataset each."""
+    save_attributes(group, "weight_names", [name.encode("utf8") for name, _ in items])
+    for name, array in items:
+        _store(group, name, array)
+
+
+@contextlib.contextmanager
+def _create(path: Path) -> Iterator[h5py.File]:
+    # Written under a temporary name and renamed, so a crash never leaves a half-written checkpoint.
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_h5(weights: Mapping[str, object], path: str | os.PathLike, instance_name: str) -> None:
+    """Write weights in the layout of Keras-2 `save_weights` to h5, as HF's `tf_model.h5`.
+
+    Args:
+        weights: Name without instance (`model/decoder/layers.0/fc1/kernel:0`) -> array. The first
+            `/` component is the top-level Keras layer; layers are listed in first-seen order and
+            weights in the given order.
+        path: Destination file; replaced atomically.
+        instance_name: Leading name component to write, e.g. `tfopt_for_causal_lm`.
+
+    Raises:
+        CheckpointError: A name or dtype cannot be stored (bfloat16 has no HDF5 type).
+    """
+    arrays = _checked(weights, instance_name)
+    layers: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for name, array in arrays.items():
+        layers.setdefault(name.split("/", 1)[0], []).append((f"{instance_name}/{name}", array))
+    with _create(Path(path)) as f:
+        save_attributes(f, "layer_names", [layer.encode("utf8") for layer in layers])
+        f.attrs["backend"] = KERAS_BACKEND.encode("utf8")
+        f.attrs["keras_version"] = KERAS_VERSION.encode("utf8")
+        # Keras creates the groups in sorted order so no group name is created after its prefix.
+        for layer in sorted(layers):
+            _save_subset(f.create_group(layer), layers[layer])
+        _save_subset(f.create_group(_TOP_LEVEL_GROUP), [])
+
+
+def _shard_dataset_name(full_name: str) -> str:
+    # HF's save_pretrained rule, kept verbatim so its load_tf_shard finds every weight.
+    if "model." in full_name or len(full_name.split("/")) == 1:
+        return full_name
+    return full_name.split("/", 1)[1]
+
+
+def write_h5_sharded(
+    weights: Mapping[str, object],
+    folder: str | os.PathLike,
+    instance_name: str,
+    max_shard_size_bytes: int,
+) -> list[str]:
+    """Write weights as HF's TF `save_pretrained(max_shard_size=...)` does.
+
+    Args:
+        weights: As for `write_h5`, in the order HF would see `model.weights`.
+        folder: Destination folder (created if needed). Weight files of an earlier save with HF's
+            TF names that the new save does not rewrite are removed.
+        instance_name: Leading name component, e.g. `tfopt_for_causal_lm`.
+        max_shard_size_bytes: HF's `max_shard_size`, in bytes.
+
+    Returns:
+        Names of the files written, relative to `folder`: `["tf_model.h5"]`, or the shards in order
+        followed by `tf_model.h5.index.json`.
+    """
+    arrays = _checked(weights, instance_name)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    full = {f"{instance_name}/{name}": array for name, array in arrays.items()}
+    sizes = {name: int(array.size) * array.dtype.itemsize for name, array in full.items()}
+    shards = plan_shards(sizes, max_shard_size_bytes)
+    if len(shards) == 1:
+        remove_stale_weight_files(
+            folder, TF2_WEIGHTS_NAME, TF2_WEIGHTS_INDEX_NAME, {TF2_WEIGHTS_NAME}
+        )
+        write_h5(arrays, folder / TF2_WEIGHTS_NAME, instance_name)
+        return [TF2_WEIGHTS_NAME]
+    names = [shard_file_name(TF2_WEIGHTS_NAME, i, len(shards)) for i in range(len(shards))]
+    keep = {*names, TF2_WEIGHTS_INDEX_NAME}
+    remove_stale_weight_files(folder, TF2_WEIGHTS_NAME, TF2_WEIGHTS_INDEX_NAME, keep)
+    weight_map = {}
+    for shard_name, members in zip(names, shards, strict=True):
+        with _create(folder / shard_name) as f:
+            stored = []
+            for full_name in sorted(members):
+                _store(f, _shard_dataset_name(full_name), full[full_name])
+                stored.append(_shard_dataset_name(full_name).encode("utf8"))
+            save_attributes(f, "layer_names", stored)
+        weight_map.update(dict.fromkeys(members, shard_name))
+    index_text = index_json_text(sum(sizes.values()), weight_map)
+    atomic_write(folder / TF2_WEIGHTS_INDEX_NAME, index_text.encode("utf-8"))
+    return [*names, TF2_WEIGHTS_INDEX_NAME]
