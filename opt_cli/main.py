@@ -1,0 +1,276 @@
+"""`opt-lm`: generate, convert, info, score and train from the command line, in any of the three frameworks.
+
+    opt-lm generate "Plants create energy through a process known as photosynthesis." --framework torch
+    opt-lm info facebook/opt-125m
+    opt-lm score notes.txt --framework flax
+    opt-lm convert SRC DST --to flax
+    opt-lm train --train-files corpus.txt --output my-model
+
+Text goes to stdout, status and progress to stderr. Without --model, the embedded default model is used (a small
+OPT trained by `opt-lm train`; see MODEL_CARD.md), so everything works offline on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from opt_core.errors import OPTError
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+FRAMEWORK_CHOICES = ("torch", "tf", "flax")
+
+
+def status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----- generate
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    p.add_argument("prompt", help="the text to continue")
+    _model_arguments(p)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--penalty-alpha", type=float, default=None, help="contrastive search (with --top-k > 1)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.set_defaults(run=run_generate)
+
+
+def _model_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="folder or hub id (default: the embedded model)")
+    p.add_argument("--framework", choices=FRAMEWORK_CHOICES, default="torch")
+
+
+def _load(args):
+    from opt_cli.frameworks import load_causal_lm
+    from opt_core.tokenizer import OPTTokenizer
+
+    name = args.model or DEFAULT_MODEL
+    status(f"loading {name} ({args.framework})")
+    model = load_causal_lm(args.framework, name)
+    return model, OPTTokenizer.from_pretrained(name)
+
+
+def run_generate(args) -> int:
+    from opt_core.generation import TextStreamer
+
+    model, tokenizer = _load(args)
+    encoded = tokenizer([args.prompt], return_tensors="np")
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        penalty_alpha=args.penalty_alpha,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+    )
+    if args.seed is not None:
+        options["seed"] = args.seed
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    if args.num_beams == 1:
+        options["streamer"] = streamer  # beam search settles its text only at the end
+    ids = model.generate(encoded["input_ids"], encoded["attention_mask"], **options)
+    if args.num_beams > 1:
+        print(tokenizer.decode(ids[0], skip_special_tokens=True), flush=True)
+    return 0
+
+
+# ----- info
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="config, parameter count, formats and dtypes of a model")
+    p.add_argument("model", nargs="?", default=None, help="folder or hub id (default: the embedded model)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=run_info)
+
+
+def run_info(args) -> int:
+    from opt_core.checkpoint import READ_ORDER, detect_format, read_checkpoint
+    from opt_core.config import OPTConfig
+    from opt_core.errors import CheckpointError
+    from opt_core.hub import resolve_model
+    from opt_core.weights import parameter_specs
+
+    folder = resolve_model(args.model or DEFAULT_MODEL)
+    config = OPTConfig.from_pretrained(folder)
+    formats = {}
+    for fmt in READ_ORDER:
+        try:
+            _, file = detect_format(folder, fmt)
+        except CheckpointError:
+            continue
+        _, tensors = read_checkpoint(folder, fmt)
+        dtypes = sorted({str(t.dtype) for t in tensors.values()})
+        formats[fmt] = {"file": file.name, "tensors": len(tensors), "dtypes": dtypes}
+    parameters = sum(int(np.prod(s.shape)) for s in parameter_specs(config, "causal_lm"))
+    info = {
+        "model": str(args.model or "embedded default model"),
+        "folder": str(folder),
+        "parameters": parameters,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "heads": config.num_attention_heads,
+        "ffn_dim": config.ffn_dim,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "word_embed_proj_dim": config.word_embed_proj_dim,
+        "pre_layer_norm": config.do_layer_norm_before,
+        "tied_lm_head": config.tie_word_embeddings,
+        "stored_dtype": config.dtype,
+        "formats": formats,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            if key == "formats":
+                for fmt, details in value.items():
+                    print(
+                        f"{'format ' + fmt:<26}{details['file']} ({details['tensors']} tensors, "
+                        f"{', '.join(details['dtypes'])})"
+                    )
+            else:
+                print(
+                    f"{key:<26}{value:,}"
+                    if isinstance(value, int) and not isinstance(value, bool)
+                    else f"{key:<26}{value}"
+                )
+    return 0
+
+
+# ----- score
+
+
+def add_score(sub) -> None:
+    p = sub.add_parser("score", help="log-likelihood and perplexity of a text file")
+    p.add_argument("file", type=Path, help="a UTF-8 text file")
+    _model_arguments(p)
+    p.add_argument("--window", type=int, default=None, help="tokens per forward pass (default: the model's max)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run_score)
+
+
+def run_score(args) -> int:
+    model, tokenizer = _load(args)
+    text = args.file.read_text(encoding="utf-8")
+    result = score_text(model, tokenizer, text, args.window)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"tokens scored      {result['tokens']}")
+        print(f"log-likelihood     {result['log_likelihood']:.3f} nats")
+        print(f"mean NLL / token   {result['mean_nll']:.4f}")
+        print(f"perplexity         {result['perplexity']:.3f}")
+    return 0
+
+
+def score_text(model, tokenizer, text: str, window: int | None = None) -> dict:
+    """Scores the text in consecutive windows, each starting with `</s>` as OPT's tokenizer does."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    window = min(window or model.config.max_position_embeddings, model.config.max_position_embeddings) - 1
+    if not ids:
+        raise OPTError("nothing to score: the text tokenizes to no tokens")
+    total, count = 0.0, 0
+    for start in range(0, len(ids), window):
+        chunk = np.array([[tokenizer.bos_token_id, *ids[start : start + window]]], dtype=np.int64)
+        logits = model.logits(chunk, np.ones_like(chunk)).astype(np.float64)[0, :-1]
+        log_probs = logits - _logsumexp(logits)
+        total += float(log_probs[np.arange(len(chunk[0]) - 1), chunk[0, 1:]].sum())
+        count += chunk.shape[1] - 1
+    return {
+        "tokens": count,
+        "log_likelihood": total,
+        "mean_nll": -total / count,
+        "perplexity": math.exp(-total / count),
+    }
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    peak = x.max(axis=-1, keepdims=True)
+    return peak + np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))
+
+
+# ----- convert and train (their modules own the options)
+
+
+def add_convert(sub) -> None:
+    from conversion import add_arguments, run
+
+    p = sub.add_parser("convert", help="convert a checkpoint to another format (no framework needed)")
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train or fine-tune a causal LM on text files (Flax + optax)")
+    p.add_argument("--train-files", nargs="+", type=Path, required=True, help="UTF-8 text files to train on")
+    p.add_argument("--eval-files", nargs="*", type=Path, default=None, help="held-out text (default: 2%% of train)")
+    p.add_argument("--output", type=Path, required=True, help="folder to write (checkpoints go in it too)")
+    p.add_argument("--init-from", default=None, help="fine-tune this folder or hub id instead of a fresh model")
+    p.add_argument("--config", default=None, help="config.json or preset for a fresh model")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one on the data)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of a freshly trained tokenizer")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip-norm", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    from opt_flax.train import TrainConfig, train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+    train(TrainConfig(**options))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opt-lm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_generate, add_convert, add_info, add_score, add_train):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except OPTError as error:
+        print(f"opt-lm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
