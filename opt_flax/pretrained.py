@@ -1,0 +1,298 @@
+"""The public Flax model wrapper, `from_pretrained` / `save_pretrained`: the glue between `opt_core` and Linen.
+
+Siblings: `opt_torch/pretrained.py`, `opt_tf/pretrained.py`. The Flax leaf rule of `opt_core.weights` (dense
+`kernel` transposed to [in, out], `embedding`, LayerNorm `scale` / `bias`, layers as `layers/0`) maps every
+canonical name to its place in the params pytree, which is HF's Flax layout: `{"model": {"decoder": ...},
+"lm_head": {"kernel"}}` (lm_head only when untied); a bare `FlaxOPTModel` holds `{"decoder": ...}`.
+
+`FlaxPreTrainedOPT` plays HF's `FlaxPreTrainedModel`: it holds the config, the Linen module and `params`, and its
+`__call__(input_ids, attention_mask, position_ids, params, past_key_values, ...)` is a pure function of its
+arrays and `params`, so `jax.jit(model.__call__)` compiles once per input shape.
+
+Loading reads a checkpoint of any format through `opt_core.checkpoint.load_checkpoint` (safetensors memory-mapped,
+`.bin` without torch, `tf_model.h5`, `flax_model.msgpack`, sharded or not) and turns one tensor at a time into
+a device array of `param_dtype`, so the model is never held twice; with a `mesh`, each array goes straight to
+its shards (`opt_flax.sharding`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opt_core.checkpoint import load_checkpoint, save_checkpoint
+from opt_core.config import OPTConfig
+from opt_core.errors import CheckpointError
+from opt_core.flax_msgpack import flatten, unflatten
+from opt_core.hub import resolve_model
+from opt_core.weights import (
+    DENSE_WEIGHT,
+    EMBEDDING,
+    NORM_SCALE,
+    ParamSpec,
+    parameter_specs,
+    style_name,
+    to_style_layout,
+)
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def resolve_dtype(dtype: Any, stored: np.dtype | None = None) -> np.dtype:
+    """float32 by default whatever the checkpoint stores; "auto" keeps the stored dtype."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto" and stored is None):
+        return jnp.dtype("float32")
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = stored if str(stored) in _DTYPES else "float32"
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use 'auto', float32, float16 or bfloat16")
+    return jnp.dtype(name)
+
+
+def flax_key(spec: ParamSpec, head: str) -> str:
+    """The `/`-joined path of a canonical parameter in the params pytree (a bare model has no `model/`)."""
+    name = style_name(spec.name, spec.kind, "flax")
+    return name.removeprefix("model/") if head == "base" else name
+
+
+def fresh_parameter(spec: ParamSpec, config: OPTConfig, rng: np.random.Generator) -> np.ndarray:
+    """HF's init of one canonical parameter: normal(init_std) weights and embeddings, zero biases, unit norms."""
+    if spec.kind in (DENSE_WEIGHT, EMBEDDING):
+        return rng.normal(0.0, config.init_std, spec.shape).astype(np.float32)
+    return np.ones(spec.shape, np.float32) if spec.kind == NORM_SCALE else np.zeros(spec.shape, np.float32)
+
+
+def params_from_canonical(
+    tensors: Mapping[str, np.ndarray],
+    config: OPTConfig,
+    head: str,
+    dtype: Any = jnp.float32,
+    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+    seed: int = 0,
+    fresh: str = "heads",
+) -> dict:
+    """Canonical torch-layout arrays -> the params pytree, in `dtype`, one tensor at a time.
+
+    Args:
+        tensors: {canonical name: array}, e.g. `load_checkpoint(...).tensors`.
+        config, head: the model the params are for.
+        dtype: the params' dtype.
+        shardings: {flax key: sharding} to place each array on; default the default device.
+        seed: the seed of freshly initialised parameters.
+        fresh: which parameters absent from `tensors` are initialised freshly (`fresh_parameter`), as HF does:
+            "heads" (task heads only; any other is an error) or "all" (a new model).
+    """
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for spec in parameter_specs(config, head):
+        if spec.name in tensors:
+            array = tensors[spec.name]
+        elif spec.is_head or fresh == "all":
+            array = fresh_parameter(spec, config, rng)
+        else:
+            raise CheckpointError(f"parameter {spec.name!r} is missing")
+        key = flax_key(spec, head)
+        # A host copy in the target dtype: the source may be a read-only memory map that must not be aliased.
+        array = np.array(to_style_layout(array, spec.kind, "flax"), dtype=dtype, copy=True)
+        flat[key] = jax.device_put(array, shardings[key]) if shardings else jnp.asarray(array)
+    return unflatten(flat)
+
+
+def params_to_canonical(params: Mapping, config: OPTConfig, head: str) -> dict[str, np.ndarray]:
+    """The params pytree -> {canonical name: torch-layout numpy array}; every path and shape is checked."""
+    expected = {flax_key(spec, head): spec for spec in parameter_specs(config, head)}
+    flat = flatten(jax.device_get(dict(params)))
+    problems = [f"unexpected {key!r}" for key in flat if key not in expected]
+    problems += [f"missing {key!r}" for key in expected if key not in flat]
+    canonical = {}
+    for key, array in flat.items():
+        spec = expected.get(key)
+        if spec is None:
+            continue
+        array = to_style_layout(np.asarray(array), spec.kind, "flax")  # a transpose is its own inverse
+        if array.shape != spec.shape:
+            problems.append(f"{key!r} has shape {array.shape}, the config needs {spec.shape} (torch layout)")
+        canonical[spec.name] = array
+    if problems:
+        raise CheckpointError("the params do not match the model's configuration: " + "; ".join(problems))
+    return canonical
+
+
+class FlaxPreTrainedOPT:
+    """Shared by every Flax OPT model: holds config, Linen module and params; init, call, load, save.
+
+    Subclasses set `head` ("base", "causal_lm", "sequence_classification" or "question_answering") and
+    `module_class` (their Linen module).
+
+    Args:
+        config: the model's OPTConfig.
+        dtype: the compute dtype (float32 by default).
+        param_dtype: the dtype of the params (float32 by default).
+        seed: the seed of freshly initialised params.
+        _do_init: initialise params now; False leaves `params` None (from_pretrained fills it).
+    """
+
+    head = "base"
+    module_class: Any = None
+
+    def __init__(
+        self,
+        config: OPTConfig,
+        dtype: Any = None,
+        param_dtype: Any = None,
+        seed: int = 0,
+        _do_init: bool = True,
+    ):
+        self.config = config
+        self.dtype = resolve_dtype(dtype)
+        self.param_dtype = resolve_dtype(param_dtype)
+        self.module = self.module_class(config, self.dtype, self.param_dtype)
+        self.params = self.init_weights(seed) if _do_init else None
+
+    def init_weights(self, seed: int = 0) -> dict:
+        """Fresh params as HF initialises them: normal(init_std) kernels and embeddings, zero biases, unit norms.
+
+        Drawn on the host from the parameter table, one tensor at a time: no XLA compile, and the same code that
+        initialises a task head a checkpoint lacks. `self.module.init(rng, input_ids)` draws the same
+        distributions with JAX's RNG, for Linen users.
+        """
+        return params_from_canonical({}, self.config, self.head, self.param_dtype, seed=seed, fresh="all")
+
+    def init_cache(self, batch_size: int, max_length: int):
+        """A zeroed `KVCache` for `batch_size` rows of up to `max_length` positions (prompt + new tokens)."""
+        from opt_flax.modeling import KVCache
+
+        return KVCache.create(self.config, batch_size, max_length, self.dtype)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        params: Mapping | None = None,
+        past_key_values=None,
+        inputs_embeds=None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        train: bool = False,
+        dropout_rng: jax.Array | None = None,
+        **kwargs: Any,
+    ):
+        """Runs the model; inference (no dropout) unless `train=True` with a `dropout_rng`.
+
+        Args:
+            input_ids: B T token ids (or T); or pass `inputs_embeds` (B T E) instead.
+            attention_mask: B T, 1 for real tokens and 0 for padding; with a cache, B S over the whole cache.
+            position_ids: B T; by default OPT's `cumsum(mask) * mask - 1` (after the cache's tokens).
+            params: the params pytree; `self.params` when None.
+            past_key_values: a `KVCache` from `init_cache` (or a previous output) for cached decoding.
+            output_attentions, output_hidden_states, return_dict: as HF; keep them static under jit.
+            train, dropout_rng: dropout needs both (keep `train` static under jit).
+            **kwargs: head-specific options of the Linen module (`logits_to_keep` for the causal LM).
+        """
+        if train and dropout_rng is None:
+            raise ValueError("train=True applies dropout and needs a dropout_rng (a jax.random key)")
+        out = self.module.apply(
+            {"params": self.params if params is None else params},
+            _as_array(input_ids),
+            _as_array(attention_mask),
+            _as_array(position_ids),
+            past_key_values,
+            _as_array(inputs_embeds),
+            output_attentions,
+            output_hidden_states,
+            not train,
+            rngs={"dropout": dropout_rng} if train else None,
+            **kwargs,
+        )
+        return out if return_dict else out.to_tuple()
+
+    # ----- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        config: OPTConfig | None = None,
+        dtype: Any = None,
+        param_dtype: Any = None,
+        mesh: jax.sharding.Mesh | None = None,
+        seed: int = 0,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+        **config_overrides: Any,
+    ):
+        """Loads a model from a local folder, the HF cache, or the hub, in any checkpoint format.
+
+        Args:
+            name_or_path: a folder written by `save_pretrained` (here, by HF, or by opt_torch / opt_tf), or a hub id.
+            config: use this config instead of the folder's config.json.
+            dtype: the compute dtype: float32 by default whatever the checkpoint stores; "auto" keeps the stored
+                dtype; float16 / bfloat16.
+            param_dtype: the params' dtype, float32 by default; "auto" keeps the stored dtype.
+            mesh: a `jax.sharding.Mesh` with axes ("data", "model"): each param is placed on its shards as it is
+                read (`opt_flax.sharding.partition_specs`), never whole on one device.
+            seed: the seed of task-head params the checkpoint lacks (initialised freshly, with a warning).
+            revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
+            **config_overrides: config fields to override, as HF (e.g. `num_labels=3`).
+        """
+        folder = resolve_model(
+            name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+        )
+        if config is None:
+            config = OPTConfig.from_pretrained(folder, **config_overrides)
+        elif config_overrides:
+            config = config.replace(**config_overrides)
+        match = load_checkpoint(folder, config, cls.head)
+        stored = match.tensors["model.decoder.embed_tokens.weight"].dtype
+        model = cls(config, resolve_dtype(dtype, stored), resolve_dtype(param_dtype, stored), _do_init=False)
+        shardings = None
+        if mesh is not None:
+            from opt_flax.sharding import flat_shardings
+
+            shardings = flat_shardings(config, cls.head, mesh)
+        model.params = params_from_canonical(match.tensors, config, cls.head, model.param_dtype, shardings, seed)
+        return model
+
+    # ----- saving
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        params: Mapping | None = None,
+        *,
+        fmt: str = "flax",
+        max_shard_size: int | str = "5GB",
+    ) -> list[Path]:
+        """Writes config.json and the weights as HF does; every format loads in the other implementations.
+
+        Args:
+            save_directory: the folder; created if needed.
+            params: the params to save; `self.params` when None.
+            fmt: "flax" (flax_model.msgpack, HF's Flax layout), "safetensors", "pytorch" (.bin) or "tf" (.h5).
+            max_shard_size: shard above this size ("5GB" = 5 * 10**9 bytes, "5GiB" = 5 * 2**30).
+        """
+        canonical = params_to_canonical(self.params if params is None else params, self.config, self.head)
+        stored = canonical["model.decoder.embed_tokens.weight"].dtype
+        config = self.config.replace(dtype=str(stored))
+        config.extra["architectures"] = [type(self).__name__.removeprefix("Flax")]  # HF names the torch class
+        config.save_pretrained(save_directory)
+        return save_checkpoint(canonical, save_directory, config, self.head, fmt=fmt, max_shard_size=max_shard_size)
+
+
+def _as_array(x: Any) -> Any:
+    return None if x is None else jnp.asarray(x)
