@@ -77,9 +77,6 @@ def write_weights(
     `.h5` likewise while a tensor is a view of the source, but every cast tensor of the model at once (their
     writers call `np.asarray` on all values before writing). `flax_msgpack` encodes each file whole in memory.
     """
-    if fmt == "flax":
-        # Materialised once here: flax_msgpack would convert each lazy tensor twice (to plan shards, to encode).
-        tensors = {name: np.asarray(t) for name, t in tensors.items()}
     files = save_checkpoint(tensors, folder, config, head, fmt, max_shard_size=max_shard_size)
     return [file.name for file in files]
 

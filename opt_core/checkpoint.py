@@ -28,6 +28,7 @@ import numpy as np
 
 from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError
+from opt_core.lazy import LazyTensor
 from opt_core.weights import MatchResult, match_checkpoint, to_file_tensors
 
 FORMATS = ("safetensors", "pytorch", "tf", "flax")
@@ -307,8 +308,9 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     tensors = to_file_tensors(canonical, config, head, STYLE[fmt])
     if dtype is not None:
+        # Cast lazily: each tensor is converted while it is written, never the whole model at once.
         target = to_numpy_dtype(dtype)
-        tensors = {k: v.astype(target, copy=False) for k, v in tensors.items()}
+        tensors = {k: LazyTensor.wrap(v, k).astype(target) for k, v in tensors.items()}
     if fmt in ("tf", "flax"):
         return _save_tf_or_flax(tensors, folder, fmt, head, parse_size(max_shard_size))
     shards = shard(tensors, parse_size(max_shard_size))
@@ -336,7 +338,8 @@ def _save_tf_or_flax(tensors, folder: Path, fmt: str, head: str, max_shard_size:
         from opt_core.keras_h5 import write_h5_sharded
 
         # HDF5 has no bfloat16: such weights are stored as float32, which holds every bfloat16 value exactly.
-        tensors = {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in tensors.items()}
+        bf16 = np.dtype(ml_dtypes.bfloat16)
+        tensors = {k: LazyTensor.wrap(v, k).astype(np.float32) if v.dtype == bf16 else v for k, v in tensors.items()}
         names = write_h5_sharded(tensors, folder, KERAS_INSTANCE_NAMES[head], max_shard_size)
     else:
         from opt_core.flax_msgpack import unflatten, write_msgpack_sharded

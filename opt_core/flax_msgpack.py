@@ -173,9 +173,7 @@ def _read_bytes(path: Path) -> bytes:
 
 def _decode(data: bytes, path: Path) -> Any:
     if data.startswith(_LFS_POINTER):
-        raise CheckpointError(
-            f"{path}: is a git-lfs pointer, not the weights; run `git lfs pull` in its repository"
-        )
+        raise CheckpointError(f"{path}: is a git-lfs pointer, not the weights; run `git lfs pull` in its repository")
     try:
         tree = msgpack.unpackb(data, ext_hook=_ext_unpack, raw=False, strict_map_key=False)
         return _restore(tree, "")
@@ -203,8 +201,7 @@ def read_msgpack(path: str | os.PathLike) -> dict:
     tree = _decode(_read_bytes(path), path)
     if not isinstance(tree, dict):
         raise CheckpointError(
-            f"{path}: top level is a {type(tree).__name__}, not a map of tensors; "
-            "not a Flax checkpoint"
+            f"{path}: top level is a {type(tree).__name__}, not a map of tensors; not a Flax checkpoint"
         )
     return tree
 
@@ -227,14 +224,13 @@ def _to_state_dict(node: Any, where: str, sort_keys: bool) -> Any:
             raise CheckpointError(f"keys at {where or '<root>'!r} are not unique as strings")
         if sort_keys:
             items.sort(key=lambda item: item[0])
-        return {
-            key: _to_state_dict(value, f"{where}/{key}" if where else key, sort_keys)
-            for key, value in items
-        }
+        return {key: _to_state_dict(value, f"{where}/{key}" if where else key, sort_keys) for key, value in items}
     if isinstance(node, (np.ndarray, np.generic, complex)) or type(node) in _NATIVE:
         array = node
     elif hasattr(node, "__array__") and hasattr(node, "dtype") and hasattr(node, "shape"):
-        array = np.asarray(node)  # jax / tf / torch CPU tensors; flax converts jax.Array alike
+        # jax / tf / torch tensors and lazily computed ones: converted (as flax converts a jax.Array) only
+        # when packed, so writing holds one tensor in memory at a time.
+        array = node
     else:
         raise CheckpointError(f"cannot write {where!r}: unsupported type {type(node).__name__}")
     if isinstance(array, (np.ndarray, np.generic)) and (
@@ -245,6 +241,7 @@ def _to_state_dict(node: Any, where: str, sort_keys: bool) -> Any:
 
 
 def _chunk(array: np.ndarray) -> dict:
+    array = np.asarray(array)
     chunksize = max(1, int(MAX_CHUNK_SIZE / array.dtype.itemsize))
     flat = array.reshape(-1)
     chunks = [flat[i : i + chunksize] for i in range(0, flat.size, chunksize)]
@@ -257,7 +254,8 @@ def _chunk(array: np.ndarray) -> dict:
 
 
 def _is_oversized(node: Any) -> bool:
-    return isinstance(node, np.ndarray) and node.size * node.dtype.itemsize > MAX_CHUNK_SIZE
+    is_array = isinstance(node, np.ndarray) or (hasattr(node, "__array__") and not isinstance(node, np.generic))
+    return is_array and node.size * np.dtype(node.dtype).itemsize > MAX_CHUNK_SIZE
 
 
 def _chunk_leaves(node: Any) -> Any:
@@ -273,6 +271,8 @@ def _ndarray_to_bytes(array: np.ndarray) -> bytes:
 
 
 def _ext_pack(x: Any) -> Any:
+    if not isinstance(x, (np.ndarray, np.generic)) and hasattr(x, "__array__"):
+        x = np.asarray(x)  # a tensor _to_state_dict left unconverted
     if isinstance(x, np.ndarray):
         return msgpack.ExtType(_EXT_NDARRAY, _ndarray_to_bytes(x))
     if isinstance(x, np.generic):
@@ -310,12 +310,34 @@ def atomic_write(path: Path, data: bytes) -> None:
 def write_msgpack(tree: dict, path: str | os.PathLike, *, sort_keys: bool = False) -> None:
     """Write `tree` as a Flax msgpack file, byte-identical to `flax.serialization.to_bytes(tree)`.
 
+    The bytes are streamed map header by map header and tensor by tensor (a map encodes as its header followed
+    by its keys and values), so memory holds one tensor's encoding at a time, not the file's.
+
     Args:
         tree: Nested dict of arrays (see `encode_msgpack` for accepted leaves).
         path: Destination file; replaced atomically.
         sort_keys: See `encode_msgpack`.
     """
-    atomic_write(Path(path), encode_msgpack(tree, sort_keys=sort_keys))
+    state = _chunk_leaves(_to_state_dict(tree, "", sort_keys))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")  # a crash mid-write must not leave a truncated checkpoint
+    packer = msgpack.Packer(default=_ext_pack, strict_types=True)
+    try:
+        with open(tmp, "wb") as file:
+            _pack_into(file, state, packer)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _pack_into(file: Any, node: Any, packer: msgpack.Packer) -> None:
+    if isinstance(node, dict):
+        file.write(packer.pack_map_header(len(node)))
+        for key, value in node.items():
+            file.write(packer.pack(key))
+            _pack_into(file, value, packer)
+    else:
+        file.write(packer.pack(node))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,7 +370,7 @@ def flatten(tree: Mapping, sep: str = "/", *, source: str | os.PathLike | None =
     flat = {}
     for path, value in _walk(tree, ()):
         key = sep.join(path)
-        if not isinstance(value, np.ndarray):
+        if not (isinstance(value, np.ndarray) or (hasattr(value, "__array__") and hasattr(value, "shape"))):
             origin = f"{source}: " if source is not None else ""
             raise CheckpointError(f"{origin}{key!r} is a {type(value).__name__}, expected an array")
         flat[key] = value
@@ -368,9 +390,7 @@ def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict:
         for i, part in enumerate(parents):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise CheckpointError(
-                    f"{sep.join(parents[: i + 1])!r} is a tensor and also a prefix of {key!r}"
-                )
+                raise CheckpointError(f"{sep.join(parents[: i + 1])!r} is a tensor and also a prefix of {key!r}")
         if isinstance(node.get(leaf), dict):
             raise CheckpointError(f"{key!r} is a tensor and also a prefix of other keys")
         node[leaf] = value
@@ -473,9 +493,7 @@ def read_msgpack_sharded(index_path: str | os.PathLike) -> dict:
     return unflatten(merged)
 
 
-def write_msgpack_sharded(
-    tree: dict, folder: str | os.PathLike, max_shard_size_bytes: int
-) -> list[str]:
+def write_msgpack_sharded(tree: dict, folder: str | os.PathLike, max_shard_size_bytes: int) -> list[str]:
     """Write `tree` as HF's `save_pretrained(max_shard_size=...)` does.
 
     Args:
@@ -494,15 +512,11 @@ def write_msgpack_sharded(
     sizes = {key: int(value.size) * value.dtype.itemsize for key, value in flat.items()}
     shards = plan_shards(sizes, max_shard_size_bytes)
     if len(shards) == 1:
-        remove_stale_weight_files(
-            folder, FLAX_WEIGHTS_NAME, FLAX_WEIGHTS_INDEX_NAME, {FLAX_WEIGHTS_NAME}
-        )
+        remove_stale_weight_files(folder, FLAX_WEIGHTS_NAME, FLAX_WEIGHTS_INDEX_NAME, {FLAX_WEIGHTS_NAME})
         write_msgpack(tree, folder / FLAX_WEIGHTS_NAME)
         return [FLAX_WEIGHTS_NAME]
     names = [shard_file_name(FLAX_WEIGHTS_NAME, i, len(shards)) for i in range(len(shards))]
-    remove_stale_weight_files(
-        folder, FLAX_WEIGHTS_NAME, FLAX_WEIGHTS_INDEX_NAME, {*names, FLAX_WEIGHTS_INDEX_NAME}
-    )
+    remove_stale_weight_files(folder, FLAX_WEIGHTS_NAME, FLAX_WEIGHTS_INDEX_NAME, {*names, FLAX_WEIGHTS_INDEX_NAME})
     weight_map = {}
     for name, keys in zip(names, shards, strict=True):
         write_msgpack(unflatten({key: flat[key] for key in keys}), folder / name)

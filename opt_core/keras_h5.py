@@ -168,9 +168,7 @@ def _open_for_read(path: Path) -> Iterator[h5py.File]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from None
     if head == _LFS_POINTER:
-        raise CheckpointError(
-            f"{path}: is a git-lfs pointer, not the weights; run `git lfs pull` in its repository"
-        )
+        raise CheckpointError(f"{path}: is a git-lfs pointer, not the weights; run `git lfs pull` in its repository")
     try:
         with h5py.File(path, "r") as f:
             yield f
@@ -186,6 +184,12 @@ def _dataset(parent: h5py.Group, name: str, path: Path, what: str) -> np.ndarray
     node = parent.get(name)
     if not isinstance(node, h5py.Dataset):
         raise CheckpointError(f"{path}: {what} {name!r} has no dataset")
+    offset = node.id.get_offset()  # None unless the data is one allocated, contiguous block
+    if offset is not None and node.ndim and node.chunks is None and node.dtype.kind in _STORABLE_KINDS:
+        # Keras and HF write contiguous, unfiltered datasets: map them, as safetensors, instead of copying.
+        if offset + node.size * node.dtype.itemsize > path.stat().st_size:
+            raise CheckpointError(f"{path}: {what} {name!r} runs past the end of the file (truncated?)")
+        return np.memmap(path, dtype=node.dtype, mode="r", offset=offset, shape=node.shape).view(np.ndarray)
     return np.asarray(node)  # as HF does; node[()] would give a numpy scalar for 0-d weights
 
 
@@ -286,8 +290,9 @@ def _checked(weights: Mapping[str, object], instance_name: str) -> dict[str, np.
     for name, value in weights.items():
         if not name or any(part == "" for part in name.split("/")):
             raise CheckpointError(f"weight name {name!r} has an empty '/' component")
-        array = np.asarray(value)
-        if array.dtype.kind not in _STORABLE_KINDS:
+        # Array-likes (memory-mapped or lazily computed tensors) are read only when their dataset is written.
+        array = value if all(hasattr(value, a) for a in ("shape", "dtype", "__array__")) else np.asarray(value)
+        if np.dtype(array.dtype).kind not in _STORABLE_KINDS:
             raise CheckpointError(
                 f"cannot write {name!r}: dtype {array.dtype} has no native HDF5 type "
                 "(cast bfloat16 to float32 or float16 first)"
@@ -302,9 +307,9 @@ def _checked(weights: Mapping[str, object], instance_name: str) -> dict[str, np.
 def _store(parent: h5py.Group, name: str, array: np.ndarray) -> None:
     dataset = parent.create_dataset(name, array.shape, dtype=array.dtype)
     if array.shape:
-        dataset[:] = array
+        dataset[:] = np.asarray(array)
     else:
-        dataset[()] = array  # scalars cannot be sliced
+        dataset[()] = np.asarray(array)  # scalars cannot be sliced
 
 
 def _save_subset(group: h5py.Group, items: list[tuple[str, np.ndarray]]) -> None:
@@ -386,9 +391,7 @@ def write_h5_sharded(
     sizes = {name: int(array.size) * array.dtype.itemsize for name, array in full.items()}
     shards = plan_shards(sizes, max_shard_size_bytes)
     if len(shards) == 1:
-        remove_stale_weight_files(
-            folder, TF2_WEIGHTS_NAME, TF2_WEIGHTS_INDEX_NAME, {TF2_WEIGHTS_NAME}
-        )
+        remove_stale_weight_files(folder, TF2_WEIGHTS_NAME, TF2_WEIGHTS_INDEX_NAME, {TF2_WEIGHTS_NAME})
         write_h5(arrays, folder / TF2_WEIGHTS_NAME, instance_name)
         return [TF2_WEIGHTS_NAME]
     names = [shard_file_name(TF2_WEIGHTS_NAME, i, len(shards)) for i in range(len(shards))]

@@ -312,9 +312,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, hoo
     return _tensor(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v3(
-    storage, storage_offset, size, stride, requires_grad, hooks, dtype, meta=None
-):
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, meta=None):
     # load_state_dict resolves `torch.<dtype>` to a numpy dtype, load_objects to "torch.<dtype>".
     if isinstance(dtype, str) and dtype.startswith("torch."):
         dtype = _TORCH_DTYPES.get(dtype[len("torch.") :], dtype)
@@ -518,9 +516,7 @@ def _storage_id(pid: Any, length: int) -> tuple[_StorageType, str, int, Any]:
 class _ZipStorages:
     """Maps `<prefix>/data/<key>` entries of an open archive to storages, once per key."""
 
-    def __init__(
-        self, archive: zipfile.ZipFile, mapped: mmap.mmap, prefix: str, swap: bool
-    ) -> None:
+    def __init__(self, archive: zipfile.ZipFile, mapped: mmap.mmap, prefix: str, swap: bool) -> None:
         self.archive, self.mapped, self.prefix, self.swap = archive, mapped, prefix, swap
         self.raw: dict[str, np.ndarray] = {}
 
@@ -716,10 +712,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     name = os.fspath(path)
     result = _load(name, strict=True)
     if not isinstance(result, dict):
-        raise CheckpointError(
-            f"{name}: holds a {type(result).__name__}, not a flat state dict "
-            "(load_objects reads it)"
-        )
+        raise CheckpointError(f"{name}: holds a {type(result).__name__}, not a flat state dict (load_objects reads it)")
     for key, value in result.items():
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
             raise CheckpointError(
@@ -870,7 +863,9 @@ def _stored_big_endian(dtype: np.dtype) -> bool:
 def _checked_arrays(tensors: Mapping[str, Any], path: str) -> list[tuple[str, np.ndarray]]:
     arrays = []
     for name, value in tensors.items():
-        array = np.asarray(value)
+        # Array-likes with a shape and dtype (memory-mapped or lazily computed tensors) stay as they are until
+        # their bytes are written, so saving holds one tensor in memory at a time, not the model.
+        array = value if _is_array_like(value) else np.asarray(value)
         if not isinstance(name, str) or _native(array.dtype) not in _WRITE_STORAGES:
             supported = ", ".join(str(d) for d in _WRITE_STORAGES)
             raise CheckpointError(
@@ -879,6 +874,10 @@ def _checked_arrays(tensors: Mapping[str, Any], path: str) -> list[tuple[str, np
             )
         arrays.append((name, array))
     return arrays
+
+
+def _is_array_like(value: Any) -> bool:
+    return all(hasattr(value, attr) for attr in ("shape", "dtype", "size", "__array__"))
 
 
 def _little_endian_chunks(array: np.ndarray):
@@ -929,6 +928,6 @@ def save_state_dict(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) 
         _write_entry(archive, file, "archive/byteorder", 6, [b"little"])
         for key, (_, array) in enumerate(arrays):
             _write_entry(
-                archive, file, f"archive/data/{key}", array.nbytes, _little_endian_chunks(array)
+                archive, file, f"archive/data/{key}", array.size * array.dtype.itemsize, _little_endian_chunks(array)
             )
         _write_entry(archive, file, "archive/version", 2, [b"3\n"])

@@ -589,8 +589,6 @@ def write_big_metaseq(src: Path, folder: Path) -> None:
 
 # Paths that still hold the whole model, because of opt_core (remove a marker when its cause is fixed).
 WHOLE_MODEL = {
-    "pytorch-float16": "opt_core.torch_pickle.save_state_dict calls np.asarray on every (cast) tensor before writing",
-    "tf": "opt_core.keras_h5.read_h5 reads every dataset into memory (the verification re-reads the output)",
     "flax": "opt_core.flax_msgpack encodes a whole file in memory, and read_msgpack reads a whole file",
 }
 
@@ -604,7 +602,8 @@ def big_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "to, dtype",
-    [("safetensors", "float16"), ("safetensors", None), ("pytorch", None), ("metaseq", None)]
+    [("safetensors", "float16"), ("safetensors", None), ("pytorch", None), ("pytorch", "float16"), ("tf", None)]
+    + [("metaseq", None)]
     + [
         pytest.param(*(key.split("-") + [None])[:2], marks=pytest.mark.xfail(strict=True, reason=reason))
         for key, reason in WHOLE_MODEL.items()
