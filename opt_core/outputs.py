@@ -36,7 +36,7 @@ class ModelOutput:
 @dataclasses.dataclass
 class BaseModelOutputWithPast(ModelOutput):
     last_hidden_state: Any = None  # B T E (after the final norm and project_out)
-    past_key_values: Any = None  # per layer (k, v), each B N S H
+    past_key_values: Any = None  # the framework's cache: torch per layer (k, v) B N S H; Flax/TF a static cache
     hidden_states: Any = None  # L + 1 of B T D; the last is last_hidden_state
     attentions: Any = None  # L of B N T S
 

@@ -78,7 +78,10 @@ def make_hf_model(variant: str, head: str = "causal_lm", seed: int = 0):
 
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
-    """hf_checkpoint(variant, head) -> folder HF transformers saved (safetensors, fp32), and the HF model."""
+    """hf_checkpoint(variant, head) -> folder HF transformers saved (safetensors, fp32), and the HF model.
+
+    The HF model is shared by the whole session: never modify it (dtype, attention implementation, weights)
+    without restoring it, or copy it first."""
     cache: dict = {}
 
     def get(variant: str, head: str = "causal_lm"):
