@@ -109,8 +109,8 @@ def convert(
         ConversionError, CheckpointError, ConfigError: with a message naming the file or argument at fault;
             `dst` is then untouched and no temporary folder is left.
     """
-    src, dst = Path(src), Path(dst)
     size = _check_arguments(to, dtype, max_shard_size, from_format)
+    src, dst = _local_source(src, from_format), Path(dst)
     _check_destination(src, dst, force)
     source = open_source(src, from_format, config)
     tensors = _cast(source.tensors, dtype, to)
@@ -122,6 +122,16 @@ def convert(
         formats.verify_weights(tmp, to, tensors, out_config, source.head)
     dtypes = sorted({t.dtype.name for t in tensors.values()})
     return ConversionResult(dst, to, source.head, files, dtypes, len(tensors), source.fmt)
+
+
+def _local_source(src: str | os.PathLike, from_format: str | None) -> Path:
+    """`src` itself when it exists; else a hub id, fetched (weights of one format, config, tokenizer files)."""
+    if Path(src).exists():
+        return Path(src)
+    from opt_core.hub import resolve_model
+
+    formats_wanted = (from_format,) if from_format in FORMATS else None
+    return resolve_model(str(src), formats=formats_wanted, extra_files=CARRIED_FILES)
 
 
 def _check_arguments(to: str, dtype: str | None, max_shard_size: int | str, from_format: str | None) -> int:

@@ -96,6 +96,7 @@ def resolve_model(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
     token: str | bool | None = None,
+    extra_files: tuple[str, ...] = (),
 ) -> Path:
     """A local folder with config.json and the weights of one format, downloading only those files.
 
@@ -106,6 +107,7 @@ def resolve_model(
         cache_dir: the HF cache folder to use instead of the default.
         local_files_only: use the cache only; defaults to the HF_HUB_OFFLINE environment variable.
         token: hub token for private repositories.
+        extra_files: other files to fetch when the repository has them (e.g. the tokenizer's).
     """
     from opt_core.checkpoint import READ_ORDER, WEIGHTS_NAME
 
@@ -118,7 +120,7 @@ def resolve_model(
     config, why = _download(repo, "config.json", **kwargs)
     if config is None:
         raise CheckpointError(f"config.json of {repo!r} is {why}")
-    for name in _OPTIONAL_FILES:
+    for name in (*_OPTIONAL_FILES, *extra_files):
         _download(repo, name, **kwargs)
     tried = []
     for fmt in formats or READ_ORDER:

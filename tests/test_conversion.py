@@ -495,7 +495,7 @@ def test_bad_arguments_are_named(sources, tmp_path):
     ]:
         with pytest.raises((ConversionError, ConfigError), match=message):
             convert(src, tmp_path / "out", **kwargs)
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="not an existing folder, nor a hub id"):
         convert(tmp_path / "nothing", tmp_path / "out", to="tf")
     assert not (tmp_path / "out").exists()
 
