@@ -1,0 +1,661 @@
+"""OPT in TensorFlow/Keras 3: attention, decoder layer, decoder, `TFOPTModel` and the three heads, top to bottom.
+
+Siblings: `opt_torch/modeling.py` (PyTorch) and `opt_flax/modeling.py` (Flax) have the same classes, attributes,
+argument order and comments; a diff between them shows framework idioms only. Attribute names equal HF's
+checkpoint names, so a canonical name of `opt_core.weights` is the attribute path to its variable.
+
+Shapes: B batch, T query length, S key/cache length, N heads, H head dim, D hidden, E word-embedding dim,
+F ffn dim, V vocab, L layers, C labels.
+
+Caches: `past_key_values` is HF's layout, per layer (k, v) each B N S H; a call with `use_cache=True` returns the
+grown tuple. For compiled decoding, `past_key_values` is instead a `KVCache` (`model.init_cache(B, S)`, as HF
+Flax): per layer (k, v) each B S N H preallocated to S slots, and the write index. A call writes the new keys
+and values at the index and returns the updated cache; `attention_mask` covers all S slots (0 for slots not
+written yet). Shapes never change, so one `tf.function(jit_compile=True)` step serves a whole decoding loop,
+inside a `tf.while_loop` too.
+
+Bad input raises `opt_core.errors.InputError` when the model runs eagerly. Inside `tf.function` the values are
+symbolic and cannot be checked: under XLA an out-of-range token id is silently clamped to the table's last row
+(XLA's gather semantics); without XLA, `tf.gather` raises on CPU but silently gives zeros on GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from opt_core import outputs  # noqa: E402
+from opt_core.config import OPTConfig  # noqa: E402
+from opt_core.errors import InputError  # noqa: E402
+from opt_core.inputs import validate_inputs  # noqa: E402
+from opt_tf.pretrained import PreTrainedOPT, initializer  # noqa: E402
+
+
+def _nestable(cls):
+    """The output class made a nest for TF (its custom-nest protocol), so `tf.function` can return it."""
+
+    def flatten(self):
+        return (), tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def unflatten(subclass, metadata, components):
+        return subclass(*components)
+
+    namespace = {"__tf_flatten__": flatten, "__tf_unflatten__": classmethod(unflatten), "__module__": __name__}
+    return type(cls.__name__, (cls,), namespace)
+
+
+BaseModelOutputWithPast = _nestable(outputs.BaseModelOutputWithPast)
+CausalLMOutputWithPast = _nestable(outputs.CausalLMOutputWithPast)
+SequenceClassifierOutputWithPast = _nestable(outputs.SequenceClassifierOutputWithPast)
+QuestionAnsweringModelOutput = _nestable(outputs.QuestionAnsweringModelOutput)
+
+ACTIVATIONS = {
+    "relu": tf.nn.relu,
+    "gelu": lambda x: tf.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: tf.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: tf.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * tf.sigmoid(1.702 * x),
+    "silu": tf.nn.silu,
+    "swish": tf.nn.silu,
+    "tanh": tf.tanh,
+}
+
+
+def dense(config: OPTConfig, units: int, use_bias: bool, name: str, dtype) -> keras.layers.Dense:
+    return keras.layers.Dense(units, use_bias=use_bias, kernel_initializer=initializer(config), name=name, dtype=dtype)
+
+
+def layer_norm(config: OPTConfig, name: str, dtype) -> keras.layers.LayerNormalization:
+    # Keras' LayerNormalization computes in float32 whatever the policy; torch's epsilon.
+    affine = config.layer_norm_elementwise_affine
+    return keras.layers.LayerNormalization(epsilon=1e-5, center=affine, scale=affine, name=name, dtype=dtype)
+
+
+class KVCache:
+    """The static cache: per layer (k, v), each B S N H with S the cache length, and the write index.
+
+    A TF nest (its custom-nest protocol), so it passes in and out of `tf.function` and `tf.while_loop`.
+    """
+
+    def __init__(self, key_values: tuple, index):
+        self.key_values = key_values  # L of (k, v), each B S N H
+        self.index = index  # () int32: positions written so far
+
+    @classmethod
+    def create(cls, config: OPTConfig, batch_size: int, max_length: int, dtype="float32") -> KVCache:
+        shape = (batch_size, max_length, config.num_attention_heads, config.head_dim)  # B S N H
+        layers = tuple((tf.zeros(shape, dtype), tf.zeros(shape, dtype)) for _ in range(config.num_hidden_layers))
+        return cls(layers, tf.zeros((), tf.int32))
+
+    @property
+    def max_length(self) -> int:
+        return self.key_values[0][0].shape[1]
+
+    def __tf_flatten__(self):
+        return (), (self.key_values, self.index)
+
+    @classmethod
+    def __tf_unflatten__(cls, metadata, components):
+        return cls(*components)
+
+
+def make_position_ids(attention_mask: tf.Tensor, past_length, query_length) -> tf.Tensor:
+    # OPT quirk: positions count real tokens only, `cumsum(mask) * mask - 1` over the full (past + current) mask,
+    # so left padding does not shift them; padded slots get -1. B S -> B T
+    positions = tf.cumsum(attention_mask, axis=1) * attention_mask - 1
+    return tf.slice(positions, [0, past_length], [-1, query_length])  # a dynamic start, a static size (XLA)
+
+
+def make_attention_mask(attention_mask: tf.Tensor, query_length, past_length) -> tf.Tensor:
+    """B S padding mask -> B 1 T S boolean mask, True where query t may attend key s (causal and not padded)."""
+    key_length = tf.shape(attention_mask)[1]
+    query_pos = tf.range(query_length)[:, None] + past_length
+    key_pos = tf.range(key_length)[None, :]
+    return (key_pos <= query_pos)[None, None] & tf.cast(attention_mask, tf.bool)[:, None, None, :]
+
+
+def write_slots(cache: tf.Tensor, new: tf.Tensor, cache_index) -> tf.Tensor:
+    """Writes B T N H `new` into slots cache_index .. cache_index + T - 1 of the B S N H `cache`."""
+    batch, length = tf.shape(new)[0], tf.shape(new)[1]
+    rows = tf.broadcast_to(tf.range(batch)[:, None], (batch, length))
+    slots = tf.broadcast_to(cache_index + tf.range(length)[None, :], (batch, length))
+    return tf.tensor_scatter_nd_update(cache, tf.stack([rows, slots], axis=-1), tf.cast(new, cache.dtype))
+
+
+class OPTLearnedPositionalEmbedding(keras.layers.Embedding):
+    """OPT's position table: max_position_embeddings + 2 rows, looked up at position + 2."""
+
+    # OPT quirk: metaseq reserved rows 0 and 1, so positions are looked up at `+ 2`.
+    offset = 2
+
+    def __init__(self, num_positions: int, embedding_dim: int, **kwargs):
+        super().__init__(num_positions + self.offset, embedding_dim, **kwargs)
+
+    def call(self, position_ids):
+        return super().call(position_ids + self.offset)  # B T -> B T D
+
+
+class OPTAttention(keras.layers.Layer):
+    def __init__(self, config: OPTConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.dropout = keras.layers.Dropout(config.attention_dropout, dtype=self.dtype_policy)
+        d, bias, policy = config.hidden_size, config.enable_bias, self.dtype_policy
+        self.k_proj = dense(config, d, bias, "k_proj", policy)
+        self.v_proj = dense(config, d, bias, "v_proj", policy)
+        self.q_proj = dense(config, d, bias, "q_proj", policy)
+        self.out_proj = dense(config, d, bias, "out_proj", policy)
+
+    def build(self, input_shape):
+        for proj in (self.k_proj, self.v_proj, self.q_proj, self.out_proj):
+            proj.build(input_shape)
+
+    def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
+        b, t = tf.shape(x)[0], tf.shape(x)[1]
+        return tf.reshape(x, (b, t, self.num_heads, self.head_dim))  # B T D -> B T N H
+
+    def call(self, hidden_states, mask, past_key_value=None, cache_index=None, output_attentions=False, training=False):
+        # OPT quirk: the projected query (bias included) is scaled by head_dim ** -0.5 before q @ k; the
+        # attention below then runs with scale 1. Never scale twice.
+        q = self._split_heads(self.q_proj(hidden_states) * self.scaling)  # B T N H
+        k = self._split_heads(self.k_proj(hidden_states))  # B T N H
+        v = self._split_heads(self.v_proj(hidden_states))  # B T N H
+        to_hf = lambda x: tf.transpose(x, [0, 2, 1, 3])  # B S N H <-> B N S H, HF's tuple layout
+        if cache_index is not None:
+            # The static cache: the new keys and values are written at the cache index; attention spans all S slots.
+            k = write_slots(past_key_value[0], k, cache_index)  # B S N H
+            v = write_slots(past_key_value[1], v, cache_index)  # B S N H
+        elif past_key_value is not None:
+            k = tf.concat([to_hf(past_key_value[0]), k], axis=1)  # B S N H
+            v = tf.concat([to_hf(past_key_value[1]), v], axis=1)  # B S N H
+        scores = tf.einsum("btnh,bsnh->bnts", q, tf.cast(k, q.dtype))  # B N T S
+        # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
+        scores = tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype))
+        probs = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), q.dtype)
+        # A query with nothing to attend to (a padded slot) gets zero attention, as torch's SDPA gives and so
+        # HF's default; this matters for the loss, where a pad slot's logits predict the first real token.
+        probs = tf.where(mask, probs, tf.zeros_like(probs))
+        attn = tf.einsum("bnts,bsnh->btnh", self.dropout(probs, training=training), tf.cast(v, q.dtype))  # B T N H
+        b, t = tf.shape(attn)[0], tf.shape(attn)[1]
+        attn = tf.reshape(attn, (b, t, self.num_heads * self.head_dim))  # B T N H -> B T D
+        present = (k, v) if cache_index is not None else (to_hf(k), to_hf(v))
+        return self.out_proj(attn), present, probs if output_attentions else None
+
+
+class OPTDecoderLayer(keras.layers.Layer):
+    def __init__(self, config: OPTConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.do_layer_norm_before = config.do_layer_norm_before
+        self.dropout = keras.layers.Dropout(config.dropout, dtype=self.dtype_policy)
+        self.activation_fn = ACTIVATIONS[config.activation_function]
+        policy = self.dtype_policy
+        self.self_attn = OPTAttention(config, name="self_attn", dtype=policy)
+        self.self_attn_layer_norm = layer_norm(config, "self_attn_layer_norm", policy)
+        self.fc1 = dense(config, config.ffn_dim, config.enable_bias, "fc1", policy)
+        self.fc2 = dense(config, config.hidden_size, config.enable_bias, "fc2", policy)
+        self.final_layer_norm = layer_norm(config, "final_layer_norm", policy)
+
+    def build(self, input_shape):
+        self.self_attn.build(input_shape)
+        self.self_attn_layer_norm.build(input_shape)
+        self.fc1.build(input_shape)
+        self.fc2.build((*input_shape[:-1], self.fc1.units))
+        self.final_layer_norm.build(input_shape)
+
+    def call(self, hidden_states, mask, past_key_value=None, cache_index=None, output_attentions=False, training=False):
+        # OPT quirk: opt-350m (do_layer_norm_before=False) is post-LN; every other size is pre-LN.
+        residual = hidden_states
+        if self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+        hidden_states, present, probs = self.self_attn(
+            hidden_states, mask, past_key_value, cache_index=cache_index, output_attentions=output_attentions
+        )
+        hidden_states = residual + self.dropout(hidden_states, training=training)
+        if not self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+
+        residual = hidden_states
+        if self.do_layer_norm_before:
+            hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = self.fc2(self.activation_fn(self.fc1(hidden_states)))  # B T D -> B T F -> B T D
+        hidden_states = residual + self.dropout(hidden_states, training=training)
+        if not self.do_layer_norm_before:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return hidden_states, present, probs
+
+
+class OPTDecoder(keras.layers.Layer):
+    def __init__(self, config: OPTConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.dropout = keras.layers.Dropout(config.dropout, dtype=self.dtype_policy)
+        init, policy = initializer(config), self.dtype_policy
+        self.embed_tokens = keras.layers.Embedding(
+            config.vocab_size,
+            config.word_embed_proj_dim,
+            embeddings_initializer=init,
+            name="embed_tokens",
+            dtype=policy,
+        )
+        self.embed_positions = OPTLearnedPositionalEmbedding(
+            config.max_position_embeddings,
+            config.hidden_size,
+            embeddings_initializer=init,
+            name="embed_positions",
+            dtype=policy,
+        )
+        # OPT quirk: opt-350m embeds tokens in E = word_embed_proj_dim != D; project_in maps E -> D before the
+        # positions are added, project_out maps D -> E after the final norm.
+        if config.has_projection:
+            self.project_out = dense(config, config.word_embed_proj_dim, False, "project_out", policy)
+            self.project_in = dense(config, config.hidden_size, False, "project_in", policy)
+        else:
+            self.project_out = self.project_in = None
+        if config.has_final_layer_norm:
+            self.final_layer_norm = layer_norm(config, "final_layer_norm", policy)
+        else:
+            self.final_layer_norm = None
+        self.layers = [
+            OPTDecoderLayer(config, name=f"layers.{i}", dtype=policy) for i in range(config.num_hidden_layers)
+        ]
+
+    def build(self, input_shape=None):
+        d, e = self.config.hidden_size, self.config.word_embed_proj_dim
+        self.embed_tokens.build()
+        self.embed_positions.build()
+        for layer, width in ((self.project_in, e), (self.project_out, d), (self.final_layer_norm, d)):
+            if layer is not None:
+                layer.build((None, None, width))
+        for layer in self.layers:
+            layer.build((None, None, d))
+
+    def call(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=False,
+        output_attentions=False,
+        output_hidden_states=False,
+        training=False,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            input_ids = tf.convert_to_tensor(input_ids)
+        if input_ids is not None and input_ids.shape.rank == 1:
+            input_ids = input_ids[None]  # T -> 1 T, as HF does
+        static = isinstance(past_key_values, KVCache)
+        if tf.executing_eagerly():
+            _validate(self.config, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # B T E
+        batch, length = tf.shape(inputs_embeds)[0], tf.shape(inputs_embeds)[1]
+        past_length = _past_length(past_key_values)
+        if attention_mask is None:  # every token so far; a static cache's slots beyond them are empty
+            key_length = past_key_values.max_length if static else past_length + length
+            attention_mask = tf.broadcast_to(tf.range(key_length) < past_length + length, (batch, key_length))
+        attention_mask = tf.cast(attention_mask, tf.int32)
+        if position_ids is None:
+            position_ids = make_position_ids(attention_mask, past_length, length)
+        mask = make_attention_mask(attention_mask, length, past_length)  # B 1 T S
+
+        if self.project_in is not None:
+            inputs_embeds = self.project_in(inputs_embeds)  # B T E -> B T D
+        hidden_states = inputs_embeds + tf.cast(self.embed_positions(position_ids), inputs_embeds.dtype)
+        hidden_states = self.dropout(hidden_states, training=training)
+
+        all_hidden, all_attn, presents = [], [], []
+        for i, layer in enumerate(self.layers):
+            all_hidden.append(hidden_states)
+            if static:
+                past, cache_index = past_key_values.key_values[i], past_length
+            else:
+                past, cache_index = (past_key_values[i] if past_key_values else None), None
+            hidden_states, present, probs = layer(
+                hidden_states, mask, past, cache_index=cache_index, output_attentions=output_attentions
+            )
+            presents.append(present)
+            all_attn.append(probs)
+
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        if self.project_out is not None:
+            hidden_states = self.project_out(hidden_states)  # B T D -> B T E
+        cache = KVCache(tuple(presents), past_length + length) if static else tuple(presents)
+        # As HF: L + 1 entries, each layer's input, then the final (normed, projected) state.
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=cache if use_cache or static else None,
+            hidden_states=(*all_hidden, hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+        )
+
+
+def _past_length(past_key_values):
+    """Positions already cached: the static cache's write index, or the S of HF's B N S H tuple."""
+    if isinstance(past_key_values, KVCache):
+        return tf.cast(past_key_values.index, tf.int32)
+    return tf.shape(past_key_values[0][0])[2] if past_key_values else 0
+
+
+def _validate(config, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds):
+    def host(x):
+        return None if x is None else tf.convert_to_tensor(x).numpy()
+
+    batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    past_length, mask = int(_past_length(past_key_values)), host(attention_mask)
+    if isinstance(past_key_values, KVCache):
+        cache_batch, key_length = past_key_values.key_values[0][0].shape[:2]
+        if cache_batch != batch:
+            raise InputError(f"the cache was made for a batch of {cache_batch}, the inputs have a batch of {batch}")
+        if past_length + length > key_length:
+            raise InputError(
+                f"the cache holds {key_length} positions, {past_length} are used: it has no room for {length} more "
+                "tokens; make it longer with init_cache(batch_size, max_length)"
+            )
+        # With a static cache the mask covers every cache slot (zeros past the tokens so far), as HF Flax's.
+        if mask is not None and mask.shape != (batch, key_length):
+            raise InputError(
+                f"attention_mask has shape {mask.shape}, but a cache of {key_length} slots needs {(batch, key_length)}"
+            )
+        mask = None if mask is None else mask[:, : past_length + length]
+    validate_inputs(config, host(input_ids), mask, host(position_ids), past_length, (batch, length))
+
+
+@keras.saving.register_keras_serializable(package="opt_tf")
+class TFOPTModel(PreTrainedOPT):
+    """The bare OPT decoder: last hidden states (B T E), HF's `OPTModel`, as a Keras 3 model.
+
+    Args:
+        config: the model's OPTConfig.
+        **kwargs: Keras model arguments: `name`, `dtype` (a policy such as "mixed_bfloat16").
+    """
+
+    head = "base"
+
+    def __init__(self, config: OPTConfig, **kwargs):
+        super().__init__(config, **kwargs)
+        self.decoder = OPTDecoder(config, name="decoder", dtype=self.dtype_policy)
+        self.build()
+
+    def build(self, input_shape=None):
+        self.decoder.build()
+
+    def call(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        training=False,
+    ):
+        out = self.decoder(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=self.config.use_cache if use_cache is None else use_cache,
+            output_attentions=bool(output_attentions),
+            output_hidden_states=bool(output_hidden_states),
+            training=training,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+@keras.saving.register_keras_serializable(package="opt_tf")
+class TFOPTForCausalLM(PreTrainedOPT):
+    """OPT with its language-model head (tied to `embed_tokens` unless the config unties it), as a Keras 3 model.
+
+    Args:
+        config: the model's OPTConfig.
+        **kwargs: Keras model arguments: `name`, `dtype` (a policy such as "mixed_bfloat16").
+    """
+
+    head = "causal_lm"
+
+    def __init__(self, config: OPTConfig, **kwargs):
+        super().__init__(config, **kwargs)
+        self.model = TFOPTModel(config, name="model", dtype=self.dtype_policy)
+        # OPT quirk: the LM head works in E = word_embed_proj_dim space and is tied to embed_tokens.
+        if config.tie_word_embeddings:
+            self.lm_head = None  # logits from embed_tokens' table itself
+        else:
+            self.lm_head = dense(config, config.vocab_size, False, "lm_head", self.dtype_policy)
+        self.build()
+
+    def build(self, input_shape=None):
+        if self.lm_head is not None:
+            self.lm_head.build((None, None, self.config.word_embed_proj_dim))
+
+    def call(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        logits_to_keep: int = 0,
+        training=False,
+    ):
+        out = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
+        )
+        hidden_states = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden_states)  # B T E -> B T V
+        else:
+            table = tf.cast(self.get_input_embeddings().embeddings, hidden_states.dtype)  # V E
+            logits = tf.matmul(hidden_states, table, transpose_b=True)  # B T E -> B T V
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+    def hf_loss(self, out, labels):
+        return causal_lm_loss(out.logits, labels)
+
+
+def causal_lm_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """HF's causal-LM loss: token t predicts label t + 1; label -100 is ignored; mean over counted tokens."""
+    shift_logits = tf.cast(logits[:, :-1], tf.float32)  # B (T-1) V
+    shift_labels = tf.cast(labels[:, 1:], tf.int32)
+    return _cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def _cross_entropy(logits: tf.Tensor, labels: tf.Tensor, ignore_index: int) -> tf.Tensor:
+    """torch's `cross_entropy(..., ignore_index)`: the mean over labels that are not ignored (0 when none is)."""
+    counted = labels != ignore_index
+    per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(counted, labels, 0), logits)
+    counted = tf.cast(counted, per_token.dtype)
+    return tf.math.divide_no_nan(tf.reduce_sum(per_token * counted), tf.reduce_sum(counted))
+
+
+def last_non_pad_index(input_ids, pad_token_id, batch_size):
+    """HF's rule: the rightmost token that is not pad_token_id (so left and right padding both work)."""
+    if pad_token_id is None:
+        if batch_size != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        return -1
+    if input_ids is None:
+        return -1  # with inputs_embeds the padding cannot be seen: take the last position, as HF does
+    non_pad = tf.cast(input_ids != pad_token_id, tf.int32)
+    positions = tf.range(tf.shape(input_ids)[-1], dtype=tf.int32)
+    return tf.argmax(positions * non_pad, axis=-1, output_type=tf.int32)
+
+
+@keras.saving.register_keras_serializable(package="opt_tf")
+class TFOPTForSequenceClassification(PreTrainedOPT):
+    """OPT with a linear classifier read at each row's last non-pad token, as a Keras 3 model.
+
+    Args:
+        config: the model's OPTConfig; `num_labels` / `id2label` set the classes, `problem_type` the loss.
+        **kwargs: Keras model arguments: `name`, `dtype` (a policy such as "mixed_bfloat16").
+    """
+
+    head = "sequence_classification"
+
+    def __init__(self, config: OPTConfig, **kwargs):
+        super().__init__(config, **kwargs)
+        self.num_labels = config.num_labels
+        self.model = TFOPTModel(config, name="model", dtype=self.dtype_policy)
+        self.score = dense(config, self.num_labels, False, "score", self.dtype_policy)
+        self.build()
+
+    def build(self, input_shape=None):
+        self.score.build((None, None, self.config.word_embed_proj_dim))
+
+    def call(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        training=False,
+    ):
+        out = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
+        )
+        logits = self.score(out.last_hidden_state)  # B T E -> B T C
+        batch, length = tf.shape(logits)[0], tf.shape(logits)[1]
+        last = last_non_pad_index(input_ids, self.config.pad_token_id, logits.shape[0])
+        last = tf.broadcast_to(tf.math.floormod(last, length), [batch])  # -1: the last position
+        pooled = tf.gather(logits, last, axis=1, batch_dims=1)  # B T C -> B C
+        loss = self._loss(pooled, labels) if labels is not None else None
+        result = SequenceClassifierOutputWithPast(loss, pooled, out.past_key_values, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+    def hf_loss(self, out, labels):
+        return self._loss(out.logits, labels)
+
+    def _loss(self, pooled: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype.is_integer:
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+            self.config.problem_type = problem  # HF records the choice on the config
+        pooled = tf.cast(pooled, tf.float32)
+        if problem == "regression":
+            if self.num_labels == 1:
+                return tf.reduce_mean(
+                    tf.square(tf.reshape(pooled, [-1]) - tf.cast(tf.reshape(labels, [-1]), tf.float32))
+                )
+            return tf.reduce_mean(tf.square(pooled - tf.cast(labels, tf.float32)))
+        if problem == "single_label_classification":
+            return _cross_entropy(pooled, tf.cast(tf.reshape(labels, [-1]), tf.int32), ignore_index=-100)
+        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(labels, tf.float32), pooled))
+
+
+@keras.saving.register_keras_serializable(package="opt_tf")
+class TFOPTForQuestionAnswering(PreTrainedOPT):
+    """OPT with a span-extraction head: start and end logits per token, as a Keras 3 model.
+
+    Args:
+        config: the model's OPTConfig.
+        **kwargs: Keras model arguments: `name`, `dtype` (a policy such as "mixed_bfloat16").
+    """
+
+    head = "question_answering"
+
+    def __init__(self, config: OPTConfig, **kwargs):
+        super().__init__(config, **kwargs)
+        self.model = TFOPTModel(config, name="model", dtype=self.dtype_policy)
+        self.qa_outputs = dense(config, 2, True, "qa_outputs", self.dtype_policy)
+        self.build()
+
+    def build(self, input_shape=None):
+        self.qa_outputs.build((None, None, self.config.word_embed_proj_dim))
+
+    def call(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        training=False,
+    ):
+        out = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            training=training,
+        )
+        logits = self.qa_outputs(out.last_hidden_state)  # B T E -> B T 2
+        start_logits, end_logits = tf.unstack(logits, axis=-1)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+        result = QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+    def hf_loss(self, out, labels):
+        start_positions, end_positions = labels
+        return span_loss(out.start_logits, out.end_logits, start_positions, end_positions)
+
+
+def span_loss(start_logits, end_logits, start_positions, end_positions) -> tf.Tensor:
+    """HF's QA loss: positions outside the sequence are clamped to T and ignored; mean of start and end."""
+    ignored = tf.shape(start_logits)[1]
+    start = tf.clip_by_value(tf.cast(tf.reshape(start_positions, [-1]), tf.int32), 0, ignored)
+    end = tf.clip_by_value(tf.cast(tf.reshape(end_positions, [-1]), tf.int32), 0, ignored)
+    return (
+        _cross_entropy(tf.cast(start_logits, tf.float32), start, ignore_index=ignored)
+        + _cross_entropy(tf.cast(end_logits, tf.float32), end, ignore_index=ignored)
+    ) / 2
