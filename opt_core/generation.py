@@ -177,6 +177,13 @@ def plan_decoding(
     return DecodingPlan(prompt_length, max_length, max_length - prompt_length, min_length, pad, eos_ids, uniforms)
 
 
+def load_generation_config(folder: str | os.PathLike, config) -> GenerationConfig:
+    """generation_config.json when the folder has one, else the special ids of the model's config (as HF)."""
+    if (Path(folder) / GENERATION_CONFIG_NAME).is_file():
+        return GenerationConfig.from_pretrained(folder)
+    return GenerationConfig.from_model_config(config)
+
+
 def first_position_ids(attention_mask: np.ndarray) -> np.ndarray:
     # OPT quirk: positions count real tokens only, `cumsum(mask) * mask - 1` over the full (past + current) mask,
     # so left padding does not shift them; padded slots get -1.

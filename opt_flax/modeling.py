@@ -45,6 +45,7 @@ from opt_core.outputs import (
     QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
 )
+from opt_flax.generation import GenerationMixin
 from opt_flax.pretrained import FlaxPreTrainedOPT
 
 # The shared output classes become pytrees, so a jitted `__call__` can return them.
@@ -510,7 +511,7 @@ class FlaxOPTModel(FlaxPreTrainedOPT):
     module_class = FlaxOPTModule
 
 
-class FlaxOPTForCausalLM(FlaxPreTrainedOPT):
+class FlaxOPTForCausalLM(FlaxPreTrainedOPT, GenerationMixin):
     """OPT with its language-model head (tied to `embed_tokens` unless the config unties it).
 
     Args: as `FlaxOPTModel`. `__call__` also takes `logits_to_keep` (logits of the last n positions only).

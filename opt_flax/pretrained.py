@@ -30,6 +30,7 @@ from opt_core.checkpoint import load_checkpoint, save_checkpoint
 from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError
 from opt_core.flax_msgpack import flatten, unflatten
+from opt_core.generation import load_generation_config
 from opt_core.hub import resolve_model
 from opt_core.weights import (
     DENSE_WEIGHT,
@@ -266,6 +267,8 @@ class FlaxPreTrainedOPT:
 
             shardings = flat_shardings(config, cls.head, mesh)
         model.params = params_from_canonical(match.tensors, config, cls.head, model.param_dtype, shardings, seed)
+        if hasattr(model, "generate"):
+            model.generation_config = load_generation_config(folder, config)
         return model
 
     # ----- saving
@@ -291,6 +294,8 @@ class FlaxPreTrainedOPT:
         config = self.config.replace(dtype=str(stored))
         config.extra["architectures"] = [type(self).__name__.removeprefix("Flax")]  # HF names the torch class
         config.save_pretrained(save_directory)
+        if getattr(self, "generation_config", None) is not None:
+            self.generation_config.save_pretrained(save_directory)
         return save_checkpoint(canonical, save_directory, config, self.head, fmt=fmt, max_shard_size=max_shard_size)
 
 

@@ -26,6 +26,7 @@ import tensorflow as tf  # noqa: E402
 
 from opt_core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from opt_core.config import OPTConfig  # noqa: E402
+from opt_core.generation import load_generation_config  # noqa: E402
 from opt_core.hub import resolve_model  # noqa: E402
 from opt_core.lazy import LazyTensor  # noqa: E402
 from opt_core.weights import DENSE_BIAS, LEAF_RULES, kind_of, parameter_specs, to_style_layout  # noqa: E402
@@ -210,6 +211,8 @@ class PreTrainedOPT(keras.Model):
         with _without_init():
             model = cls(config, dtype=resolve_dtype(dtype, stored))
         model._assign(match)
+        if hasattr(model, "generate"):
+            model.generation_config = load_generation_config(folder, config)
         return model
 
     def _assign(self, match) -> None:
@@ -248,6 +251,8 @@ class PreTrainedOPT(keras.Model):
         # As HF's TF port: the architecture is named without the "TF" prefix, so every framework reads it.
         config.extra["architectures"] = [type(self).__name__.removeprefix("TF")]
         config.save_pretrained(folder)
+        if getattr(self, "generation_config", None) is not None:
+            self.generation_config.save_pretrained(folder)
         return save_checkpoint(
             self.canonical_state(lazy=True),
             folder,

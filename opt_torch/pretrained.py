@@ -22,7 +22,7 @@ from torch import nn
 from opt_core.checkpoint import load_checkpoint, save_checkpoint
 from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError
-from opt_core.generation import GENERATION_CONFIG_NAME, GenerationConfig
+from opt_core.generation import load_generation_config
 from opt_core.hub import resolve_model
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -61,13 +61,6 @@ def torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
-
-
-def load_generation_config(folder: Path, config: OPTConfig) -> GenerationConfig:
-    """generation_config.json when the folder has one, else the special ids of the model's config (as HF)."""
-    if (Path(folder) / GENERATION_CONFIG_NAME).is_file():
-        return GenerationConfig.from_pretrained(folder)
-    return GenerationConfig.from_model_config(config)
 
 
 class PreTrainedOPT(nn.Module):

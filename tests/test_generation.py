@@ -13,7 +13,7 @@ from conftest import sample_batch
 
 from opt_core.errors import ConfigError
 
-FRAMEWORKS = ["torch"]
+FRAMEWORKS = ["torch", "flax"]
 
 
 def load_generator(framework: str, folder):
@@ -25,14 +25,20 @@ def load_generator(framework: str, folder):
         return lambda ids, mask, **kw: model.generate(
             torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kw
         ).numpy()
+    if framework == "flax":
+        import opt_flax
+
+        model = opt_flax.FlaxOPTForCausalLM.from_pretrained(folder)
+        return lambda ids, mask, **kw: model.generate(ids, attention_mask=mask, **kw)
     raise ValueError(framework)
 
 
 @pytest.fixture(scope="module")
 def oracle_and_folder(hf_checkpoint):
     folder, hf = hf_checkpoint("post_ln_proj")
-    hf.set_attn_implementation("sdpa")  # HF's default
-    return hf, folder
+    hf.set_attn_implementation("sdpa")  # HF's default; the shared model is restored afterwards
+    yield hf, folder
+    hf.set_attn_implementation("eager")
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +113,28 @@ def test_sampling_is_reproducible_from_a_seed(generators, framework):
     assert not np.array_equal(first, generators[framework](ids, mask, seed=4, **options))
 
 
+@pytest.mark.parametrize("framework", [fw for fw in FRAMEWORKS if fw != "torch"])
+def test_seeded_sampling_equals_torch(generators, framework):
+    ids, mask = sample_batch(seed=14, length=5)
+    options = dict(max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, temperature=0.8)
+    for seed in (3, 4):
+        expected = generators["torch"](ids, mask, seed=seed, **options)
+        np.testing.assert_array_equal(generators[framework](ids, mask, seed=seed, **options), expected)
+
+
+def test_flax_does_not_retrace_for_the_same_shapes_and_options(generators):
+    """The second call reuses the compiled loop, also with new values of the traced options (seed, temperature,
+    eos id, min length)."""
+    from opt_flax.generation import TRACES
+
+    ids, mask = sample_batch(seed=14, length=5)
+    options = dict(max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9)
+    generators["flax"](ids, mask, seed=3, temperature=0.8, **options)
+    traces = dict(TRACES)
+    generators["flax"](ids, mask, seed=5, temperature=0.6, eos_token_id=7, min_new_tokens=3, **options)
+    assert dict(TRACES) == traces
+
+
 def test_sampled_distribution_follows_the_warped_probabilities():
     """Inverse-CDF draws from pre-drawn uniforms sample the warped distribution (a statistical check)."""
     from opt_core.generation import GenerationConfig
@@ -122,11 +150,8 @@ def test_sampled_distribution_follows_the_warped_probabilities():
     np.testing.assert_allclose(frequencies, expected, atol=0.015)
 
 
-def test_streamer_receives_prompt_then_each_token(generators, oracle_and_folder):
-    import opt_torch
-
-    _, folder = oracle_and_folder
-    model = opt_torch.OPTForCausalLM.from_pretrained(folder)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_streamer_receives_prompt_then_each_token(generators, framework):
     received = []
 
     class Recorder:
@@ -136,8 +161,8 @@ def test_streamer_receives_prompt_then_each_token(generators, oracle_and_folder)
         def end(self):
             received.append("end")
 
-    ids = torch.tensor([[2, 10, 11, 12]])
-    out = model.generate(ids, max_new_tokens=5, streamer=Recorder(), eos_token_id=None)
+    ids = np.array([[2, 10, 11, 12]])
+    out = generators[framework](ids, np.ones_like(ids), max_new_tokens=5, streamer=Recorder(), eos_token_id=None)
     assert received[0] == [2, 10, 11, 12] and received[-1] == "end"
     assert [r[0] for r in received[1:-1]] == out[0, 4:].tolist()
 
@@ -151,6 +176,24 @@ def test_stop_strings_stop_a_row():
 
     assert hits_stop_string(CharTokenizer(), [0, 1, 2], ["bc"])
     assert not hits_stop_string(CharTokenizer(), [0, 1, 2], ["ab"])
+
+
+@pytest.mark.parametrize("framework", [fw for fw in FRAMEWORKS if fw != "torch"])
+@pytest.mark.parametrize("strategy", ["greedy", pytest.param("beam", marks=pytest.mark.slow)])
+def test_stop_strings_equal_torch(generators, framework, strategy):
+    class CharTokenizer:
+        def decode(self, ids, **kwargs):
+            return "".join(chr(ord("A") + i) for i in ids)
+
+    ids, mask = sample_batch(seed=11, length=7)
+    greedy = generators["torch"](ids, mask, max_new_tokens=10)
+    stop = CharTokenizer().decode(greedy[1, 9:11].tolist())  # row 1 stops after its 4th new token
+    beams = dict(num_beams=3) if strategy == "beam" else {}
+    options = dict(max_new_tokens=10, stop_strings=[stop], tokenizer=CharTokenizer(), **beams)
+    expected = generators["torch"](ids, mask, **options)
+    np.testing.assert_array_equal(generators[framework](ids, mask, **options), expected)
+    if strategy == "greedy":
+        assert (expected[1, 11:] == 1).all()  # padded after the stop string
 
 
 def test_generate_refuses_what_it_cannot_do(generators):
