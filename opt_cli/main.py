@@ -46,7 +46,7 @@ def add_generate(sub) -> None:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--penalty-alpha", type=float, default=None, help="contrastive search (with --top-k > 1)")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=3, help="forbid repeating n-grams (0: off)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.set_defaults(run=run_generate)
 
