@@ -218,6 +218,13 @@ LEAF_RULES: dict[str, LeafRule] = {
 }
 
 
+# Other spellings readers accept. HF's TF port stored the token embedding as `embed_tokens/weight:0`
+# (TFSharedEmbeddings); a Keras `Embedding` layer in its place would write `embed_tokens/embeddings:0`.
+LEAF_ALIASES: dict[str, dict[str, str]] = {
+    "keras": {"model/decoder/embed_tokens/embeddings:0": "model/decoder/embed_tokens/weight:0"},
+}
+
+
 def style_name(name: str, kind: str, style: str) -> str:
     """The name `style` gives the canonical parameter `name` of `kind`."""
     rule = LEAF_RULES[style]
@@ -291,6 +298,7 @@ def match_checkpoint(
     unexpected, mis_shaped = [], []
     for file_name, array in file_tensors.items():
         name = model_prefix + file_name if file_name.startswith(decoder_prefix) else file_name
+        name = LEAF_ALIASES.get(style, {}).get(name, name)
         spec = expected.get(name)
         if spec is None:
             if name in tied_head_names and config.tie_word_embeddings:

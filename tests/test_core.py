@@ -371,3 +371,11 @@ def test_opt_core_imports_no_framework():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_keras_token_embedding_alias_is_accepted():
+    config = OPTConfig(**_TINY)
+    tensors = to_file_tensors(random_canonical(config), config, "causal_lm", "keras")
+    tensors["model/decoder/embed_tokens/embeddings:0"] = tensors.pop("model/decoder/embed_tokens/weight:0")
+    back = match_checkpoint(tensors, config, "causal_lm", "keras", source="tf_model.h5")
+    assert "model.decoder.embed_tokens.weight" in back.tensors
