@@ -33,6 +33,7 @@ from opt_core import outputs  # noqa: E402
 from opt_core.config import OPTConfig  # noqa: E402
 from opt_core.errors import InputError  # noqa: E402
 from opt_core.inputs import validate_inputs  # noqa: E402
+from opt_tf.generation import GenerationMixin  # noqa: E402
 from opt_tf.pretrained import PreTrainedOPT, initializer  # noqa: E402
 
 
@@ -108,7 +109,8 @@ def make_position_ids(attention_mask: tf.Tensor, past_length, query_length) -> t
     # OPT quirk: positions count real tokens only, `cumsum(mask) * mask - 1` over the full (past + current) mask,
     # so left padding does not shift them; padded slots get -1. B S -> B T
     positions = tf.cumsum(attention_mask, axis=1) * attention_mask - 1
-    return tf.slice(positions, [0, past_length], [-1, query_length])  # a dynamic start, a static size (XLA)
+    # A gather, not tf.slice: XLA takes a slice's start as a compile-time constant and recompiles per value.
+    return tf.gather(positions, past_length + tf.range(query_length), axis=1)  # B T
 
 
 def make_attention_mask(attention_mask: tf.Tensor, query_length, past_length) -> tf.Tensor:
@@ -419,7 +421,7 @@ class TFOPTModel(PreTrainedOPT):
 
 
 @keras.saving.register_keras_serializable(package="opt_tf")
-class TFOPTForCausalLM(PreTrainedOPT):
+class TFOPTForCausalLM(PreTrainedOPT, GenerationMixin):
     """OPT with its language-model head (tied to `embed_tokens` unless the config unties it), as a Keras 3 model.
 
     Args:

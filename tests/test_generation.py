@@ -13,7 +13,7 @@ from conftest import sample_batch
 
 from opt_core.errors import ConfigError
 
-FRAMEWORKS = ["torch", "flax"]
+FRAMEWORKS = ["torch", "flax", "tf"]
 
 
 def load_generator(framework: str, folder):
@@ -29,6 +29,11 @@ def load_generator(framework: str, folder):
         import opt_flax
 
         model = opt_flax.FlaxOPTForCausalLM.from_pretrained(folder)
+        return lambda ids, mask, **kw: model.generate(ids, attention_mask=mask, **kw)
+    if framework == "tf":
+        import opt_tf
+
+        model = opt_tf.TFOPTForCausalLM.from_pretrained(folder)
         return lambda ids, mask, **kw: model.generate(ids, attention_mask=mask, **kw)
     raise ValueError(framework)
 
@@ -133,6 +138,48 @@ def test_flax_does_not_retrace_for_the_same_shapes_and_options(generators):
     traces = dict(TRACES)
     generators["flax"](ids, mask, seed=5, temperature=0.6, eos_token_id=7, min_new_tokens=3, **options)
     assert dict(TRACES) == traces
+
+
+def test_tf_does_not_retrace_for_the_same_shapes_and_options(generators):
+    """The second call reuses the compiled programs (the whole loop, and the host loop's start and step), also with
+    new values of the traced options (seed, temperature, eos ids, min length)."""
+    from opt_tf.generation import TRACES
+
+    class Quiet:
+        def put(self, value):
+            pass
+
+        def end(self):
+            pass
+
+    ids, mask = sample_batch(seed=14, length=5)
+    options = dict(max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9)
+    generators["tf"](ids, mask, seed=3, temperature=0.8, **options)
+    generators["tf"](ids[:1], mask[:1], max_new_tokens=4, streamer=Quiet())
+    traces = dict(TRACES)
+    generators["tf"](ids, mask, seed=5, temperature=0.6, eos_token_id=[7, 9], min_new_tokens=3, **options)
+    generators["tf"](ids[:1], mask[:1], max_new_tokens=4, streamer=Quiet(), eos_token_id=None)
+    assert dict(TRACES) == traces
+
+
+def test_tf_decode_step_compiles_once_for_every_cache_index(oracle_and_folder):
+    """XLA specialises a program on any input it takes as a compile-time constant (e.g. a tf.slice start): the host
+    loop's step would then compile once per token. The same HLO at two cache indices shows it does not."""
+    import tensorflow as tf
+
+    import opt_tf
+    from opt_tf.generation import decode_step
+    from opt_tf.modeling import KVCache
+
+    model = opt_tf.TFOPTForCausalLM.from_pretrained(oracle_and_folder[1])
+    step = tf.function(lambda tokens, mask, cache: decode_step(model, tokens, mask, cache)[0], jit_compile=True)
+    empty, tokens = model.init_cache(2, 6), tf.constant([[5], [6]])
+    hlo = []
+    for index in (2, 4):
+        mask = tf.constant(np.arange(6)[None, :].repeat(2, 0) <= index, tf.int32)
+        cache = KVCache(empty.key_values, tf.constant(index))
+        hlo.append(step.experimental_get_compiler_ir(tokens, mask, cache)(stage="hlo"))
+    assert hlo[0] == hlo[1]
 
 
 def test_sampled_distribution_follows_the_warped_probabilities():

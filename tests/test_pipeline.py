@@ -11,7 +11,7 @@ import torch
 from opt_core.pipeline import pipeline
 from opt_core.tokenizer import train_bpe_tokenizer
 
-FRAMEWORKS = ["pt", "flax"]
+FRAMEWORKS = ["pt", "flax", "tf"]
 
 
 @pytest.fixture(scope="module")

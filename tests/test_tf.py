@@ -397,7 +397,7 @@ def test_fresh_init_is_hfs():
 def test_h5_round_trip_is_bit_exact_and_loads_in_torch(loaded, tmp_path, variant):
     ours, hf = loaded(variant)
     ours.save_pretrained(tmp_path)  # tf_model.h5 by default
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "tf_model.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "tf_model.h5"]
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["OPTForCausalLM"]
     with h5py.File(tmp_path / "tf_model.h5") as f:  # HF's Keras-2 layout and names
         assert [str(x, "utf8") if isinstance(x, bytes) else x for x in f.attrs["layer_names"]][0] == "model"
