@@ -86,12 +86,42 @@ def test_short_training_run_lowers_the_loss_and_loads_everywhere(tmp_path):
     sentences = ["The function returns the value.", "A module holds functions and classes.", "Return a new list."]
     corpus.write_text("\n".join(sentences[i % 3] for i in range(600)))
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
-                                      max_position_embeddings=64, dropout=0.0)))
+    config.write_text(
+        json.dumps(
+            dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                ffn_dim=64,
+                max_position_embeddings=64,
+                dropout=0.0,
+            )
+        )
+    )
     out = tmp_path / "model"
-    args = ["train", "--train-files", str(corpus), "--output", str(out), "--config", str(config), "--vocab-size",
-            "300", "--steps", "60", "--batch-size", "8", "--seq-len", "32", "--eval-every", "20", "--warmup-steps", "5",
-            "--learning-rate", "3e-3"]
+    args = [
+        "train",
+        "--train-files",
+        str(corpus),
+        "--output",
+        str(out),
+        "--config",
+        str(config),
+        "--vocab-size",
+        "300",
+        "--steps",
+        "60",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "20",
+        "--warmup-steps",
+        "5",
+        "--learning-rate",
+        "3e-3",
+    ]
     result = opt_lm(*args)
     assert result.returncode == 0, result.stderr
     evals = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]

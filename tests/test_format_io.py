@@ -97,9 +97,7 @@ def test_msgpack_scalars_and_python_values_match_flax(tmp_path):
     assert_same(read_msgpack(path), serialization.msgpack_restore(path.read_bytes()))
     # msgpack_serialize without in_place copies the tree through jax, which sorts keys.
     nested = {"z": {"y": np.ones(2, np.float16), "x": np.float32(1)}, "a": np.zeros(3, np.int32)}
-    assert flax_msgpack.encode_msgpack(nested, sort_keys=True) == serialization.msgpack_serialize(
-        nested
-    )
+    assert flax_msgpack.encode_msgpack(nested, sort_keys=True) == serialization.msgpack_serialize(nested)
 
 
 @pytest.mark.parametrize("chunk_bytes", [4, 24, 64])
@@ -176,10 +174,7 @@ def test_msgpack_sharded_matches_hf(tmp_path, max_shard_size):
         "model": {
             "decoder": {
                 "embed_tokens": {"embedding": random_array(rng, np.float32, (6, 4))},
-                "layers": {
-                    str(i): {"fc1": {"kernel": random_array(rng, np.float16, (4, 5))}}
-                    for i in range(3)
-                },
+                "layers": {str(i): {"fc1": {"kernel": random_array(rng, np.float16, (4, 5))}} for i in range(3)},
             }
         },
         "lm_head": {"kernel": random_array(rng, ml_dtypes.bfloat16, (4, 6))},
@@ -191,11 +186,7 @@ def test_msgpack_sharded_matches_hf(tmp_path, max_shard_size):
     if max_shard_size == 10:  # first tensor over the limit: HF leaves an empty first shard
         assert (tmp_path / "ours" / written[0]).read_bytes() == serialization.to_bytes({})
     index = tmp_path / "ours" / "flax_model.msgpack.index.json"
-    restored = (
-        read_msgpack_sharded(index)
-        if index.exists()
-        else read_msgpack(tmp_path / "ours" / "flax_model.msgpack")
-    )
+    restored = read_msgpack_sharded(index) if index.exists() else read_msgpack(tmp_path / "ours" / "flax_model.msgpack")
     assert_same(flatten(restored), flatten(tree))
 
 
@@ -371,8 +362,7 @@ def test_h5_chunked_weight_names(tmp_path):
     rng = np.random.default_rng(1)
     # Long names so that a few hundred of them pass Keras' 64512-byte attribute limit.
     weights = {
-        f"model/decoder/layers.{i}/{'self_attn/' * 20}kernel:0": random_array(rng, np.float32, (1,))
-        for i in range(320)
+        f"model/decoder/layers.{i}/{'self_attn/' * 20}kernel:0": random_array(rng, np.float32, (1,)) for i in range(320)
     }
     path = tmp_path / "tf_model.h5"
     write_h5(weights, path, INSTANCE)
@@ -544,9 +534,7 @@ def test_h5_not_keras_layout(tmp_path):
     path = tmp_path / "plain.h5"
     with h5py.File(path, "w") as f:
         f["vars/0"] = np.ones(3)  # roughly a Keras 3 .weights.h5
-    with pytest.raises(
-        CheckpointError, match=r"plain.h5: not a Keras weights file .*'layer_names'"
-    ):
+    with pytest.raises(CheckpointError, match=r"plain.h5: not a Keras weights file .*'layer_names'"):
         read_h5(path)
     with h5py.File(path, "w") as f:
         keras_h5.save_attributes(f, "layer_names", [b"model"])

@@ -50,9 +50,7 @@ def sample(dtype: torch.dtype, shape=(3, 4), seed: int = 0) -> torch.Tensor:
     if dtype == torch.bool:
         return torch.randint(0, 2, shape, generator=generator).bool()
     info = torch.iinfo(dtype)
-    return torch.randint(info.min, info.max, shape, generator=generator, dtype=torch.int64).to(
-        dtype
-    )
+    return torch.randint(info.min, info.max, shape, generator=generator, dtype=torch.int64).to(dtype)
 
 
 def assert_bit_exact(array: np.ndarray, tensor: torch.Tensor) -> None:
@@ -200,9 +198,7 @@ def test_writer_loads_in_torch_bit_exact(tmp_path: Path, monkeypatch: pytest.Mon
         loaded = torch.load(path, weights_only=True, mmap=mmap)
         assert isinstance(loaded, OrderedDict) and list(loaded) == list(arrays)
         for name, array in arrays.items():
-            expected = (
-                array.astype(array.dtype.newbyteorder("=")) if array.dtype.kind != "V" else array
-            )
+            expected = array.astype(array.dtype.newbyteorder("=")) if array.dtype.kind != "V" else array
             assert_bit_exact(expected, loaded[name])
     ours = load_state_dict(path)
     assert list(ours) == list(arrays)
@@ -243,9 +239,7 @@ def test_hf_transformers_loads_our_pytorch_model_bin(tmp_path: Path) -> None:
         assert torch.equal(tensor, original.state_dict()[name]), name
 
 
-@pytest.mark.parametrize(
-    "bad", [{"c": np.ones(2, np.complex64)}, {"o": np.array([None])}, {1: np.ones(2)}]
-)
+@pytest.mark.parametrize("bad", [{"c": np.ones(2, np.complex64)}, {"o": np.array([None])}, {1: np.ones(2)}])
 def test_writer_rejects_unsupported_tensors(tmp_path: Path, bad: dict) -> None:
     path = tmp_path / "bad.bin"
     with pytest.raises(CheckpointError, match="cannot write tensor"):
@@ -302,11 +296,7 @@ def write_malicious(path: Path, payload: object, how: str) -> None:
 def test_malicious_pickles_are_refused_without_running(tmp_path: Path, how, kind, loader) -> None:
     marker = tmp_path / "pwned"
     command = f"touch {marker}"
-    payload = (
-        SystemCall(command)
-        if kind == "os.system"
-        else Eval(f"__import__('os').system({command!r})")
-    )
+    payload = SystemCall(command) if kind == "os.system" else Eval(f"__import__('os').system({command!r})")
     global_name = f"{os.system.__module__}.system" if kind == "os.system" else "builtins.eval"
     path = tmp_path / "evil.bin"
     write_malicious(path, payload, how)
@@ -368,14 +358,10 @@ def metaseq_like() -> dict:
 
 @pytest.mark.parametrize("protocol", [1, 2, 4])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_load_objects_reads_metaseq_like_checkpoints(
-    tmp_path: Path, fmt: str, protocol: int
-) -> None:
+def test_load_objects_reads_metaseq_like_checkpoints(tmp_path: Path, fmt: str, protocol: int) -> None:
     original = metaseq_like()
     path = tmp_path / "checkpoint_last.pt"
-    torch.save(
-        original, path, _use_new_zipfile_serialization=FORMATS[fmt], pickle_protocol=protocol
-    )
+    torch.save(original, path, _use_new_zipfile_serialization=FORMATS[fmt], pickle_protocol=protocol)
     loaded = load_objects(path)
     weight = original["model"]["decoder.embed_tokens.weight"]
     assert_bit_exact(loaded["model"]["decoder.embed_tokens.weight"], weight)

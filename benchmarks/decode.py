@@ -1,0 +1,171 @@
+"""Greedy-decode speed: this project's frameworks against HF transformers' PyTorch OPT, in one run.
+
+    python benchmarks/decode.py [--batch 1 8] [--new-tokens 128] [--prompt 16] [--frameworks torch torch-compile hf]
+
+opt-125m's shape with random weights in fp32, a 16-token prompt and 128 new tokens (eos disabled, so every run
+decodes the same number of tokens). For each framework: the first call's time (compilation included), then the best
+of `--repeats` timed calls, as new tokens per second, and the ratio to HF in the same run. The memory-bandwidth
+bound is the weight bytes each token reads (every parameter once; the tied embedding once, by the LM head) divided by
+the read bandwidth this script measures on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def measure_read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes per second the machine reads from memory: the best of a sum over a large fp32 tensor and a
+    matrix-vector product over a large matrix (decode's own access pattern), with all threads."""
+    import torch
+
+    data = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    matrix, vector = data.view(-1, 4096), torch.ones(4096)
+    data.sum()  # fault the pages in
+    best = min(min(_timed(lambda: data.sum()), _timed(lambda: torch.mv(matrix, vector))) for _ in range(repeats))
+    return data.numel() * 4 / best
+
+
+def bytes_read_per_token() -> int:
+    """fp32 bytes of opt-125m's weights one decode step reads: every parameter once (the tied LM head reads the
+    whole token embedding), except the position table, of which it reads one row."""
+    from opt_core import OPTConfig
+    from opt_core.weights import parameter_specs
+
+    config = OPTConfig.from_preset("opt-125m")
+    total = sum(int(np.prod(spec.shape)) for spec in parameter_specs(config, "causal_lm"))
+    return 4 * (total - (config.num_position_rows - 1) * config.hidden_size)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def make_checkpoint(folder: Path) -> None:
+    """A random-weight opt-125m in HF's format, written once and loaded by every framework."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.OPTConfig.from_dict(
+        dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            ffn_dim=3072,
+            vocab_size=50272,
+            max_position_embeddings=2048,
+            word_embed_proj_dim=768,
+        )
+    )
+    transformers.OPTForCausalLM(config).save_pretrained(folder)
+
+
+def runner(name: str, folder: Path):
+    """A function (ids: np.ndarray) -> np.ndarray running greedy decode for `name`."""
+    if name in ("torch", "torch-compile"):
+        import torch
+
+        import opt_torch
+
+        model = opt_torch.OPTForCausalLM.from_pretrained(folder)
+        compiled = name == "torch-compile"
+        return lambda ids, n: model.generate(
+            torch.from_numpy(ids), max_new_tokens=n, eos_token_id=None, compile=compiled
+        ).numpy()
+    if name == "hf":
+        import torch
+        import transformers
+
+        model = transformers.OPTForCausalLM.from_pretrained(folder).eval()
+
+        def hf(ids, n):
+            with torch.no_grad():
+                return model.generate(
+                    torch.from_numpy(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None
+                ).numpy()
+
+        return hf
+    if name == "tf":
+        import opt_tf
+
+        model = opt_tf.TFOPTForCausalLM.from_pretrained(folder)
+        return lambda ids, n: np.asarray(model.generate(ids, max_new_tokens=n, eos_token_id=None))
+    if name == "flax":
+        import opt_flax
+
+        model = opt_flax.FlaxOPTForCausalLM.from_pretrained(folder)
+        return lambda ids, n: np.asarray(model.generate(ids, max_new_tokens=n, eos_token_id=None))
+    raise ValueError(f"unknown framework {name!r}")
+
+
+def bench(generate, batch: int, prompt: int, new_tokens: int, repeats: int) -> dict:
+    ids = np.random.default_rng(batch).integers(3, 50000, size=(batch, prompt)).astype(np.int64)
+    first = _timed(lambda: generate(ids, new_tokens))
+    out = generate(ids, new_tokens)
+    assert out.shape == (batch, prompt + new_tokens), out.shape
+    best = min(_timed(lambda: generate(ids, new_tokens)) for _ in range(repeats))
+    return {"first_call_s": first, "best_s": best, "tokens_per_s": batch * new_tokens / best, "ids": out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--frameworks", nargs="+", default=["hf", "torch", "tf", "flax"])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    import torch
+
+    bandwidth = measure_read_bandwidth()
+    weight_bytes = bytes_read_per_token()
+    bound = bandwidth / weight_bytes
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads "
+        f"{torch.get_num_threads()}; read bandwidth {bandwidth / 1e9:.1f} GB/s; opt-125m fp32 weights "
+        f"{weight_bytes / 1e6:.0f} MB -> bound {bound:.1f} tokens/s per row at batch 1"
+    )
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        make_checkpoint(Path(tmp))
+        reference = {}
+        for name in args.frameworks:
+            try:
+                generate = runner(name, Path(tmp))
+            except ImportError as error:
+                print(f"{name}: skipped ({error})")
+                continue
+            for batch in args.batch:
+                result = bench(generate, batch, args.prompt, args.new_tokens, args.repeats)
+                ids = result.pop("ids")
+                same = reference.setdefault(batch, ids) is ids or np.array_equal(reference[batch], ids)
+                results.append({"framework": name, "batch": batch, **result, "same_ids_as_first": bool(same)})
+    print(f"\n{'framework':<14}{'batch':>6}{'first call s':>14}{'tokens/s':>10}{'x HF':>7}{'of bound':>10}  same ids")
+    for row in results:
+        hf = next((r for r in results if r["framework"] == "hf" and r["batch"] == row["batch"]), None)
+        ratio = row["tokens_per_s"] / hf["tokens_per_s"] if hf else float("nan")
+        row["ratio_to_hf"] = ratio
+        of_bound = row["tokens_per_s"] / row["batch"] / bound if row["batch"] == 1 else float("nan")
+        print(
+            f"{row['framework']:<14}{row['batch']:>6}{row['first_call_s']:>14.2f}{row['tokens_per_s']:>10.1f}"
+            f"{ratio:>7.2f}{of_bound:>10.0%}  {row['same_ids_as_first']}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"bandwidth_Bps": bandwidth, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
