@@ -138,6 +138,8 @@ class GenerationMixin:
         base = generation_config or self.generation_config or GenerationConfig.from_model_config(self.config)
         config = base.updated(**kwargs)
         input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask)
+        if config.max_new_tokens == 0 or (config.max_new_tokens is None and config.max_length <= input_ids.shape[1]):
+            return input_ids.repeat_interleave(config.num_return_sequences, dim=0)  # nothing to generate
         expand = config.num_beams if config.num_beams > 1 else config.num_return_sequences
         if expand > 1:
             input_ids = input_ids.repeat_interleave(expand, dim=0)
