@@ -285,7 +285,7 @@ def test_flax_msgpack_round_trip_is_bit_exact_and_loads_in_torch(loaded, tmp_pat
 
     ours, _ = loaded(variant)
     ours.save_pretrained(tmp_path)  # flax_model.msgpack by default
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "flax_model.msgpack"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "flax_model.msgpack", "generation_config.json"]
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["OPTForCausalLM"]
     restored = flax.serialization.msgpack_restore((tmp_path / "flax_model.msgpack").read_bytes())
     assert_params_equal(restored, ours.params)  # flax itself reads HF's layout back
