@@ -235,6 +235,7 @@ class FlaxPreTrainedOPT:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
         token: str | bool | None = None,
+        fmt: str | None = None,
         **config_overrides: Any,
     ):
         """Loads a model from a local folder, the HF cache, or the hub, in any checkpoint format.
@@ -249,16 +250,22 @@ class FlaxPreTrainedOPT:
                 read (`opt_flax.sharding.partition_specs`), never whole on one device.
             seed: the seed of task-head params the checkpoint lacks (initialised freshly, with a warning).
             revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
+            fmt: read this checkpoint format ("safetensors", "pytorch", "tf", "flax") when the folder has several.
             **config_overrides: config fields to override, as HF (e.g. `num_labels=3`).
         """
         folder = resolve_model(
-            name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+            name_or_path,
+            formats=(fmt,) if fmt else None,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
         )
         if config is None:
             config = OPTConfig.from_pretrained(folder, **config_overrides)
         elif config_overrides:
             config = config.replace(**config_overrides)
-        match = load_checkpoint(folder, config, cls.head)
+        match = load_checkpoint(folder, config, cls.head, fmt=fmt)
         stored = match.tensors["model.decoder.embed_tokens.weight"].dtype
         model = cls(config, resolve_dtype(dtype, stored), resolve_dtype(param_dtype, stored), _do_init=False)
         shardings = None

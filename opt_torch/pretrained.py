@@ -148,6 +148,7 @@ class PreTrainedOPT(nn.Module):
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
         token: str | bool | None = None,
+        fmt: str | None = None,
         **config_overrides: Any,
     ):
         """Loads a model from a local folder, the HF cache, or the hub.
@@ -160,10 +161,12 @@ class PreTrainedOPT(nn.Module):
             attn_implementation: "sdpa" (default) or "eager".
             device: where to put the weights (default CPU).
             revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
+            fmt: read this checkpoint format ("safetensors", "pytorch", "tf", "flax") when the folder has several.
             **config_overrides: config fields to override, as HF (e.g. `num_labels=3`).
         """
         folder = resolve_model(
             name_or_path,
+            formats=(fmt,) if fmt else None,
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
@@ -173,7 +176,7 @@ class PreTrainedOPT(nn.Module):
             config = OPTConfig.from_pretrained(folder, **config_overrides)
         elif config_overrides:
             config = config.replace(**config_overrides)
-        match = load_checkpoint(folder, config, cls.head)
+        match = load_checkpoint(folder, config, cls.head, fmt=fmt)
         stored = match.tensors["model.decoder.embed_tokens.weight"].dtype
         target = resolve_dtype(dtype if dtype is not None else torch_dtype, stored)
         with torch.device("meta"):
