@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import assert_close_on_real_tokens
 
 GOLDEN = Path(__file__).parent / "golden" / "hf_tf_flax"

@@ -28,7 +28,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import transformers  # noqa: E402
-
 from conftest import make_hf_model, sample_batch  # noqa: E402
 
 VARIANTS = ("pre_ln", "post_ln_proj")
