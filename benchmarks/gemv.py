@@ -16,9 +16,17 @@ import numpy as np
 
 def weights(seed: int = 0):
     rng = np.random.default_rng(seed)
-    layer = lambda: {n: rng.standard_normal(s).astype(np.float32) * 0.02 for n, s in  # noqa: E731
-                     (("q", (768, 768)), ("k", (768, 768)), ("v", (768, 768)), ("o", (768, 768)),
-                      ("fc1", (768, 3072)), ("fc2", (3072, 768)))}
+    layer = lambda: {
+        n: rng.standard_normal(s).astype(np.float32) * 0.02
+        for n, s in (  # noqa: E731
+            ("q", (768, 768)),
+            ("k", (768, 768)),
+            ("v", (768, 768)),
+            ("o", (768, 768)),
+            ("fc1", (768, 3072)),
+            ("fc2", (3072, 768)),
+        )
+    }
     return [layer() for _ in range(12)], rng.standard_normal((50272, 768)).astype(np.float32) * 0.02
 
 
