@@ -184,12 +184,6 @@ def load_generation_config(folder: str | os.PathLike, config) -> GenerationConfi
     return GenerationConfig.from_model_config(config)
 
 
-def first_position_ids(attention_mask: np.ndarray) -> np.ndarray:
-    # OPT quirk: positions count real tokens only, `cumsum(mask) * mask - 1` over the full (past + current) mask,
-    # so left padding does not shift them; padded slots get -1.
-    return np.cumsum(attention_mask, axis=1) * attention_mask - 1
-
-
 # ----- stop strings (host side)
 
 
