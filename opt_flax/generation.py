@@ -525,6 +525,10 @@ LOOPS = {"sample": sample_or_greedy, "contrastive": contrastive_search, "beam": 
 _DECODING_FUNCTIONS: dict[tuple, object] = {}  # (strategy, module class, config, dtypes) -> the jitted loop
 
 
+# Above this many parameter bytes `generate` keeps the stored layout rather than a transposed copy (see _decode_params).
+DECODE_VIEW_MAX_BYTES = 2 * 2**30
+
+
 class GenerationMixin:
     """`generate()` for FlaxOPTForCausalLM, with HF's arguments and HF PyTorch's return value."""
 
@@ -568,7 +572,7 @@ class GenerationMixin:
         if plan.max_new_tokens == 0:
             return _prompt_only(input_ids, config, strategy)
         run = self._decoding_function(strategy)
-        params = self.params if params is None else params
+        params = self._decode_params(self.params if params is None else params)
         streamer = None if strategy == "beam" else streamer  # beam search does not stream, as in opt_torch
         with _host_call(streamer, tokenizer, config.stop_strings, input_ids) as call_id:
             options = decode_options(config, plan, strategy, call_id, stream=streamer is not None)
@@ -584,6 +588,24 @@ class GenerationMixin:
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
         validate_inputs(self.config, input_ids, attention_mask, None, 0, input_ids.shape)
         return input_ids.astype(np.int32), attention_mask.astype(np.int32)
+
+    def _decode_params(self, params):
+        """The params with dense kernels stored [out, in] (`opt_flax.modeling.decode_params`): XLA CPU's
+        matrix-vector products read that layout faster (measured on this project's 2-core CPU, opt-125m greedy
+        decode at batch 1: 29.5 ms per token with the stored kernels, 27.7 ms with these).
+
+        Built once and kept on the model while the same arrays are passed (JAX arrays are immutable, so their
+        identity is the key), so the model holds a transposed copy of its dense kernels (340 MB for opt-125m in
+        fp32) after its first `generate`; passing other params rebuilds it and frees the previous copy."""
+        from opt_flax.modeling import decode_params  # modeling imports this module for GenerationMixin
+
+        leaves = tuple(jax.tree.leaves(params))
+        if jax.default_backend() != "cpu" or sum(leaf.nbytes for leaf in leaves) > DECODE_VIEW_MAX_BYTES:
+            return params  # the view pays on CPUs, and doubling a large model's kernels costs more than it saves
+        cached = getattr(self, "_decode_params_cache", None)
+        if cached is None or len(cached[0]) != len(leaves) or any(a is not b for a, b in zip(cached[0], leaves)):
+            cached = self._decode_params_cache = (leaves, decode_params(params))  # the leaves keep their ids valid
+        return cached[1]
 
     def _decoding_function(self, strategy: str):
         """The jitted loop, made once per strategy and model configuration (so a reloaded model reuses it): jit's

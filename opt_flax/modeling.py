@@ -102,6 +102,50 @@ def make_attention_mask(attention_mask: jax.Array, query_slots: jax.Array) -> ja
     return causal[None, None] & attention_mask[:, None, None, :].astype(bool)
 
 
+class OPTDense(nn.Dense):
+    """`nn.Dense` (same params: `kernel` [in, out], `bias`) that also accepts a decode-time view of its kernel.
+
+    If the params hold `kernel_t` ([out, in], torch's layout) instead of `kernel`, the product contracts the last
+    dimension of both operands. Measured on the 2-core AVX-512 CPU this project benchmarks on: XLA CPU's
+    matrix-vector products read an [out, in] matrix faster (a jitted chain of one opt-125m step's GEMVs: 20.2 ms
+    instead of 23.4 ms), so `generate` decodes with that view (`decode_params`, built once per params).
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if not self.has_variable("params", "kernel_t"):
+            return super().__call__(inputs)
+        kernel = self.get_variable("params", "kernel_t")  # out in
+        bias = self.get_variable("params", "bias") if self.use_bias else None
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (1,)), ((), ())), precision=self.precision)
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
+def decode_params(params):
+    """The params with every 2-D dense `kernel` ([in, out]) replaced by `kernel_t` ([out, in]) for `OPTDense`.
+
+    Costs a transposed copy of those kernels (for opt-125m 85M floats, 340 MB in fp32) while the view is kept
+    (`GenerationMixin._decode_params` keeps it on the model); the originals are unchanged. Embedding tables are
+    already [V, E] and are left alone.
+    """
+
+    def convert(tree):
+        if not isinstance(tree, dict):
+            return tree
+        out = {}
+        for name, value in tree.items():
+            if name == "kernel" and getattr(value, "ndim", 0) == 2:
+                out["kernel_t"] = jnp.swapaxes(value, 0, 1)
+            else:
+                out[name] = convert(value)
+        return out
+
+    return convert(flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params)
+
+
 class _OPTLinen(nn.Module):
     """Fields and layer factories shared by the Linen modules: HF's init, compute `dtype`, `param_dtype`."""
 
@@ -111,7 +155,7 @@ class _OPTLinen(nn.Module):
 
     def dense(self, features: int, use_bias: bool = True) -> nn.Dense:
         init = nn.initializers.normal(self.config.init_std)
-        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
+        return OPTDense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
 
     def layer_norm(self) -> nn.LayerNorm:
         affine = self.config.layer_norm_elementwise_affine
@@ -405,7 +449,13 @@ class FlaxOPTForCausalLMModule(_OPTLinen):
         )
         hidden_states = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
         if self.config.tie_word_embeddings:
-            logits = self.model.decoder.embed_tokens.attend(hidden_states)  # B T E -> B T V
+            # `embed_tokens.attend` written out, contracting the table's last dimension directly: `attend`'s
+            # `query @ table.T` puts a transpose of the V E table in the program, and XLA CPU then fuses it, with the
+            # final layer norm, into a loop instead of calling its matrix-vector kernel. Measured alone at batch 1
+            # (opt-125m): 6.4 ms as `attend`, 4.3 ms this way, of a ~29 ms decode step.
+            table = self.model.decoder.embed_tokens.embedding.astype(self.dtype)  # V E
+            hidden_states = hidden_states.astype(self.dtype)
+            logits = lax.dot_general(hidden_states, table, (((hidden_states.ndim - 1,), (1,)), ((), ())))  # B T V
         else:
             logits = self.lm_head(hidden_states)  # B T E -> B T V
         return CausalLMOutputWithPast(None, logits, out.past_key_values, out.hidden_states, out.attentions)

@@ -627,8 +627,11 @@ class _Program:
         self.model, self.name, self.statics, self.body = weakref.ref(model), name, statics, body
 
     def __call__(self, *args):
+        from opt_tf.modeling import decode_kernels  # modeling imports this module for GenerationMixin
+
         TRACES[self.name] += 1  # runs only while tracing
-        return self.body(self.model(), self.statics._replace(**args[-1]), *args[:-1])
+        with decode_kernels():  # the dense layers read their [out, in] kernels (see opt_tf.modeling)
+            return self.body(self.model(), self.statics._replace(**args[-1]), *args[:-1])
 
 
 def _beam_first(model, options, input_ids, attention_mask, uniforms):
@@ -693,6 +696,10 @@ class GenerationMixin:
 
     def _decode(self, strategy: str, options: DecodeOptions, inputs, host: _Host):
         """Runs the strategy: one compiled program, or a host loop of compiled steps for a streamer or stop strings."""
+        from opt_tf.modeling import decode_view_pays, refresh_decode_kernels  # modeling imports this module
+
+        if decode_view_pays(self):
+            refresh_decode_kernels(self)  # before any program runs (or is traced): they read these kernels
         statics = options._replace(**{name: None for name in TRACED})
         values = {name: tf.constant(getattr(options, name)) for name in TRACED}
         if host.streamer is None and not host.stop_strings:

@@ -491,6 +491,7 @@ def test_keras_weights_and_model_files_round_trip(loaded, tmp_path):
 
 
 def test_fit_lowers_the_loss():
+    keras.utils.set_random_seed(0)  # a fixed initialisation: unseeded, one run in four fell short of halving the loss
     config = opt_tf.OPTConfig(**variant_kwargs("pre_ln"))
     model = opt_tf.TFOPTForCausalLM(config)
     rows = np.stack([np.roll(np.arange(3, 19), shift) for shift in range(16)]).astype(np.int32)  # a learnable cycle

@@ -1,0 +1,49 @@
+"""Per-token time of Flax greedy decode (opt-125m shape, random weights, fp32), for profiling changes quickly.
+
+    python benchmarks/flax_step.py [--batch 1] [--stored]
+
+Times (best of several) `generate` with 128 new tokens, as `benchmarks/decode.py` does, without the other
+frameworks; `--stored` decodes with the params as stored ([in, out] kernels) instead of the decode-time view
+(`opt_flax.modeling.decode_params`, [out, in] kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def best_of(fn, repeats=5):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--stored", action="store_true", help="decode with the params as stored, not the view")
+    args = parser.parse_args()
+
+    import opt_flax
+    from opt_core import OPTConfig
+
+    config = OPTConfig.from_preset("opt-125m")
+    model = opt_flax.FlaxOPTForCausalLM(config)
+    if args.stored:
+        model._decode_params = lambda params: params
+    ids = np.random.default_rng(0).integers(3, 50000, size=(args.batch, 16))
+    run = lambda: model.generate(ids, max_new_tokens=args.new, eos_token_id=None)  # noqa: E731
+    seconds = best_of(run)
+    print(f"generate: {seconds / args.new * 1e3:.2f} ms/token, {args.batch * args.new / seconds:.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()
