@@ -12,13 +12,19 @@ from opt_core.errors import (
     OPTError,
     UnsafeCheckpointError,
 )
+from opt_core.generation import GenerationConfig, TextIteratorStreamer, TextStreamer
+from opt_core.tokenizer import OPTTokenizer
 
 __all__ = [
     "PRESETS",
     "CheckpointError",
     "ConfigError",
+    "GenerationConfig",
     "InputError",
     "OPTConfig",
     "OPTError",
+    "OPTTokenizer",
+    "TextIteratorStreamer",
+    "TextStreamer",
     "UnsafeCheckpointError",
 ]
