@@ -184,6 +184,24 @@ def load_generation_config(folder: str | os.PathLike, config) -> GenerationConfi
     return GenerationConfig.from_model_config(config)
 
 
+def decoding_strategy(config: GenerationConfig) -> str:
+    """ "beam", "contrastive" or "sample" (greedy included), chosen as HF's generate chooses."""
+    if config.num_beams > 1:
+        return "beam"
+    if config.penalty_alpha is not None and config.penalty_alpha > 0 and config.top_k > 1:
+        return "contrastive"
+    return "sample"
+
+
+def prompt_only(input_ids: np.ndarray, config: GenerationConfig, strategy: str) -> np.ndarray:
+    """No room for new tokens: the prompt, one row per returned sequence (input rows already expanded)."""
+    if strategy == "beam":
+        batch = input_ids.shape[0] // config.num_beams
+        input_ids = input_ids.reshape(batch, config.num_beams, -1)[:, : config.num_return_sequences]
+        input_ids = input_ids.reshape(batch * config.num_return_sequences, -1)
+    return input_ids.astype(np.int64)
+
+
 # ----- stop strings (host side)
 
 

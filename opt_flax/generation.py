@@ -39,7 +39,14 @@ import numpy as np
 from jax import lax
 from jax.experimental import io_callback
 
-from opt_core.generation import DecodingPlan, GenerationConfig, hits_stop_string, plan_decoding
+from opt_core.generation import (
+    DecodingPlan,
+    GenerationConfig,
+    decoding_strategy,
+    hits_stop_string,
+    plan_decoding,
+    prompt_only,
+)
 from opt_core.inputs import validate_inputs
 
 TRACES: collections.Counter = collections.Counter()  # loop name -> times traced (a retrace means a recompile)
@@ -568,9 +575,9 @@ class GenerationMixin:
         plan = plan_decoding(config, input_ids.shape[0], input_ids.shape[1], self.config.max_position_embeddings, seed)
         if config.stop_strings and tokenizer is None:
             raise ValueError("stop_strings need the tokenizer: generate(..., tokenizer=tokenizer)")
-        strategy = _strategy(config)
+        strategy = decoding_strategy(config)
         if plan.max_new_tokens == 0:
-            return _prompt_only(input_ids, config, strategy)
+            return prompt_only(input_ids, config, strategy)
         run = self._decoding_function(strategy)
         params = self._decode_params(self.params if params is None else params)
         streamer = None if strategy == "beam" else streamer  # beam search does not stream, as in opt_torch
@@ -614,20 +621,3 @@ class GenerationMixin:
         if key not in _DECODING_FUNCTIONS:
             _DECODING_FUNCTIONS[key] = jax.jit(functools.partial(LOOPS[strategy], self.module))
         return _DECODING_FUNCTIONS[key]
-
-
-def _strategy(config: GenerationConfig) -> str:
-    if config.num_beams > 1:
-        return "beam"
-    if config.penalty_alpha is not None and config.penalty_alpha > 0 and config.top_k > 1:
-        return "contrastive"
-    return "sample"
-
-
-def _prompt_only(input_ids, config: GenerationConfig, strategy: str) -> np.ndarray:
-    """No room for new tokens: the prompt, one row per returned sequence."""
-    if strategy == "beam":
-        batch = input_ids.shape[0] // config.num_beams
-        input_ids = input_ids.reshape(batch, config.num_beams, -1)[:, : config.num_return_sequences]
-        input_ids = input_ids.reshape(batch * config.num_return_sequences, -1)
-    return input_ids.astype(np.int64)

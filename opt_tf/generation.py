@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from opt_core.generation import GenerationConfig, hits_stop_string, plan_decoding
+from opt_core.generation import GenerationConfig, decoding_strategy, hits_stop_string, plan_decoding, prompt_only
 from opt_core.inputs import validate_inputs
 
 TRACES: collections.Counter = collections.Counter()  # function name -> times traced (a retrace means a recompile)
@@ -680,9 +680,9 @@ class GenerationMixin:
         plan = plan_decoding(config, input_ids.shape[0], input_ids.shape[1], self.config.max_position_embeddings, seed)
         if config.stop_strings and tokenizer is None:
             raise ValueError("stop_strings need the tokenizer: generate(..., tokenizer=tokenizer)")
-        strategy = _strategy(config)
+        strategy = decoding_strategy(config)
         if plan.max_new_tokens == 0:
-            return _prompt_only(input_ids, config, strategy)
+            return prompt_only(input_ids, config, strategy)
         streamer = None if strategy == "beam" else streamer  # beam search does not stream, as in opt_torch
         options = decode_options(config, plan, strategy)
         uniforms = plan.uniforms if plan.uniforms is not None else np.zeros((input_ids.shape[0], plan.max_new_tokens))
@@ -724,20 +724,3 @@ class GenerationMixin:
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
         validate_inputs(self.config, input_ids, attention_mask, None, 0, input_ids.shape)
         return input_ids.astype(np.int32), attention_mask.astype(np.int32)
-
-
-def _strategy(config: GenerationConfig) -> str:
-    if config.num_beams > 1:
-        return "beam"
-    if config.penalty_alpha is not None and config.penalty_alpha > 0 and config.top_k > 1:
-        return "contrastive"
-    return "sample"
-
-
-def _prompt_only(input_ids, config: GenerationConfig, strategy: str) -> np.ndarray:
-    """No room for new tokens: the prompt, one row per returned sequence."""
-    if strategy == "beam":
-        batch = input_ids.shape[0] // config.num_beams
-        input_ids = input_ids.reshape(batch, config.num_beams, -1)[:, : config.num_return_sequences]
-        input_ids = input_ids.reshape(batch * config.num_return_sequences, -1)
-    return input_ids.astype(np.int64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from opt_core.generation import DecodingPlan, GenerationConfig, hits_stop_string, plan_decoding
+from opt_core.generation import DecodingPlan, GenerationConfig, decoding_strategy, hits_stop_string, plan_decoding
 from opt_core.inputs import validate_inputs
 
 # ----- the model calls: prefill and one decode step
@@ -148,9 +148,10 @@ class GenerationMixin:
         if config.stop_strings and tokenizer is None:
             raise ValueError("stop_strings need the tokenizer: generate(..., tokenizer=tokenizer)")
         step = self._step_function(compile)
-        if config.num_beams > 1:
+        strategy = decoding_strategy(config)
+        if strategy == "beam":
             return beam_search(self, step, input_ids, attention_mask, plan, config, tokenizer)
-        if config.penalty_alpha is not None and config.penalty_alpha > 0 and config.top_k > 1:
+        if strategy == "contrastive":
             return contrastive_search(self, step, input_ids, attention_mask, plan, config, streamer, tokenizer)
         return sample_or_greedy(self, step, input_ids, attention_mask, plan, config, streamer, tokenizer)
 
