@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from opt_core.errors import ConfigError
+from opt_core.files import atomic_write_text
+from opt_core.hub import resolve_file
 
 CONFIG_NAME = "config.json"
 
@@ -314,8 +316,6 @@ class OPTConfig:
         path = Path(name_or_path)
         if path.is_file():
             return cls.from_json_file(path, **overrides)
-        from opt_core.hub import resolve_file
-
         return cls.from_json_file(resolve_file(name_or_path, CONFIG_NAME, revision=revision), **overrides)
 
     @classmethod
@@ -330,7 +330,7 @@ class OPTConfig:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / CONFIG_NAME
-        path.write_text(self.to_json_string(), encoding="utf-8")
+        atomic_write_text(path, self.to_json_string())
         return path
 
     def replace(self, **changes: Any) -> OPTConfig:

@@ -69,6 +69,7 @@ import msgpack
 import numpy as np
 
 from opt_core.errors import CheckpointError
+from opt_core.files import atomic_path, check_not_lfs_pointer, read_index
 
 __all__ = [
     "FLAX_WEIGHTS_INDEX_NAME",
@@ -79,7 +80,6 @@ __all__ = [
     "read_msgpack_sharded",
     "unflatten",
     "write_msgpack",
-    "write_msgpack_sharded",
 ]
 
 FLAX_WEIGHTS_NAME = "flax_model.msgpack"
@@ -93,7 +93,6 @@ _EXT_NDARRAY = 1
 _EXT_COMPLEX = 2
 _EXT_NPSCALAR = 3
 _CHUNKED = "__msgpack_chunked_array__"
-_LFS_POINTER = b"version https://git-lfs"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,8 +171,7 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _decode(data: bytes, path: Path) -> Any:
-    if data.startswith(_LFS_POINTER):
-        raise CheckpointError(f"{path}: is a git-lfs pointer, not the weights; run `git lfs pull` in its repository")
+    check_not_lfs_pointer(path, data)
     try:
         tree = msgpack.unpackb(data, ext_hook=_ext_unpack, raw=False, strict_map_key=False)
         return _restore(tree, "")
@@ -299,14 +297,6 @@ def encode_msgpack(tree: Any, *, sort_keys: bool = False) -> bytes:
     return msgpack.packb(state, default=_ext_pack, strict_types=True)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename."""
-    # A crash mid-write must not leave a truncated checkpoint under the real name.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_msgpack(tree: dict, path: str | os.PathLike, *, sort_keys: bool = False) -> None:
     """Write `tree` as a Flax msgpack file, byte-identical to `flax.serialization.to_bytes(tree)`.
 
@@ -319,15 +309,10 @@ def write_msgpack(tree: dict, path: str | os.PathLike, *, sort_keys: bool = Fals
         sort_keys: See `encode_msgpack`.
     """
     state = _chunk_leaves(_to_state_dict(tree, "", sort_keys))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")  # a crash mid-write must not leave a truncated checkpoint
     packer = msgpack.Packer(default=_ext_pack, strict_types=True)
-    try:
-        with open(tmp, "wb") as file:
-            _pack_into(file, state, packer)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # A crash mid-write must not leave a truncated checkpoint under the real name.
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        _pack_into(file, state, packer)
 
 
 def _pack_into(file: Any, node: Any, packer: msgpack.Packer) -> None:
@@ -401,72 +386,6 @@ def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict:
 # sharded checkpoints
 
 
-# The helpers below are shared with `opt_core.keras_h5`: HF splits TF and Flax checkpoints alike.
-
-
-def plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
-    """Split names into shards as HF's `flax_shard_checkpoint` / `tf_shard_checkpoint` do.
-
-    Greedy in the given order; a tensor that would push the current shard past `max_shard_size`
-    starts a new one. HF closes the current shard even when it is empty (first tensor over the
-    limit), and so do we, so that file names and counts match HF's.
-    """
-    shards: list[list[str]] = []
-    current: list[str] = []
-    current_size = 0
-    for name, size in sizes.items():
-        if current_size + size > max_shard_size:
-            shards.append(current)
-            current, current_size = [], 0
-        current.append(name)
-        current_size += size
-    shards.append(current)
-    return shards
-
-
-def shard_file_name(base: str, index: int, count: int) -> str:
-    """`flax_model.msgpack`, 0, 3 -> `flax_model-00001-of-00003.msgpack` (HF's naming)."""
-    stem, ext = os.path.splitext(base)
-    return f"{stem}-{index + 1:05d}-of-{count:05d}{ext}"
-
-
-def index_json_text(total_size: int, weight_map: Mapping[str, str]) -> str:
-    """The index file's text, formatted exactly as HF's `save_pretrained` writes it."""
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(weight_map)}
-    return json.dumps(index, indent=2, sort_keys=True) + "\n"
-
-
-def remove_stale_weight_files(folder: Path, base: str, index_name: str, keep: set[str]) -> None:
-    """Delete an earlier save's weight files that would contradict the new one.
-
-    A leftover single file beside a new index (HF loads the single file first) or leftover shards of
-    another count would load stale weights. Only exact HF names are touched.
-    """
-    stem, ext = os.path.splitext(base)
-    for entry in folder.iterdir():
-        name = entry.name
-        is_shard = name.startswith(f"{stem}-") and name.endswith(ext) and "-of-" in name
-        if (name in (base, index_name) or is_shard) and name not in keep and entry.is_file():
-            entry.unlink()
-
-
-def read_index(index_path: Path) -> dict[str, str]:
-    """Read an HF `*.index.json` and return its weight_map, checking its shape."""
-    try:
-        index = json.loads(_read_bytes(index_path))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index_path}: not a valid JSON index ({e})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    ):
-        raise CheckpointError(f"{index_path}: has no 'weight_map' of tensor name -> shard file")
-    for shard in set(weight_map.values()):
-        if Path(shard).name != shard:
-            raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name in the folder")
-    return weight_map
-
-
 def read_msgpack_sharded(index_path: str | os.PathLike) -> dict:
     """Read a sharded Flax checkpoint from its `flax_model.msgpack.index.json`.
 
@@ -491,38 +410,3 @@ def read_msgpack_sharded(index_path: str | os.PathLike) -> dict:
             raise CheckpointError(f"{shard_path}: lacks tensors the index puts there: {missing}")
         merged.update(found)
     return unflatten(merged)
-
-
-def write_msgpack_sharded(tree: dict, folder: str | os.PathLike, max_shard_size_bytes: int) -> list[str]:
-    """Write `tree` as HF's `save_pretrained(max_shard_size=...)` does.
-
-    Args:
-        tree: Nested dict of arrays.
-        folder: Destination folder (created if needed). Weight files of an earlier save with HF's
-            Flax names that the new save does not rewrite are removed.
-        max_shard_size_bytes: HF's `max_shard_size`, in bytes.
-
-    Returns:
-        Names of the files written, relative to `folder`: `["flax_model.msgpack"]`, or the shards
-        in order followed by `flax_model.msgpack.index.json`.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    flat = flatten(_to_state_dict(tree, "", False))
-    sizes = {key: int(value.size) * value.dtype.itemsize for key, value in flat.items()}
-    shards = plan_shards(sizes, max_shard_size_bytes)
-    if len(shards) == 1:
-        remove_stale_weight_files(folder, FLAX_WEIGHTS_NAME, FLAX_WEIGHTS_INDEX_NAME, {FLAX_WEIGHTS_NAME})
-        write_msgpack(tree, folder / FLAX_WEIGHTS_NAME)
-        return [FLAX_WEIGHTS_NAME]
-    names = [shard_file_name(FLAX_WEIGHTS_NAME, i, len(shards)) for i in range(len(shards))]
-    remove_stale_weight_files(folder, FLAX_WEIGHTS_NAME, FLAX_WEIGHTS_INDEX_NAME, {*names, FLAX_WEIGHTS_INDEX_NAME})
-    weight_map = {}
-    for name, keys in zip(names, shards, strict=True):
-        write_msgpack(unflatten({key: flat[key] for key in keys}), folder / name)
-        weight_map.update(dict.fromkeys(keys, name))
-    atomic_write(
-        folder / FLAX_WEIGHTS_INDEX_NAME,
-        index_json_text(sum(sizes.values()), weight_map).encode("utf-8"),
-    )
-    return [*names, FLAX_WEIGHTS_INDEX_NAME]

@@ -9,11 +9,12 @@ the error. Nothing here imports a framework.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from opt_core.errors import CheckpointError
+from opt_core.files import read_index
+from opt_core.formats import FORMATS, READ_ORDER
 
 _OPTIONAL_FILES = ("generation_config.json",)
 
@@ -102,15 +103,13 @@ def resolve_model(
 
     Args:
         name_or_path: a local folder, or a hub id such as "facebook/opt-125m".
-        formats: the weight formats acceptable, in order of preference (default: checkpoint.READ_ORDER).
+        formats: the weight formats acceptable, in order of preference (default: `opt_core.formats.READ_ORDER`).
         revision: branch, tag or commit on the hub.
         cache_dir: the HF cache folder to use instead of the default.
         local_files_only: use the cache only; defaults to the HF_HUB_OFFLINE environment variable.
         token: hub token for private repositories.
         extra_files: other files to fetch when the repository has them (e.g. the tokenizer's).
     """
-    from opt_core.checkpoint import READ_ORDER, WEIGHTS_NAME
-
     folder = Path(name_or_path)
     if folder.is_dir():
         return folder
@@ -124,8 +123,8 @@ def resolve_model(
         _download(repo, name, **kwargs)
     tried = []
     for fmt in formats or READ_ORDER:
-        weights = WEIGHTS_NAME[fmt]
-        index, why_index = _download(repo, weights + ".index.json", **kwargs)
+        weights = FORMATS[fmt].weights_name
+        index, _ = _download(repo, FORMATS[fmt].index_name, **kwargs)
         if index is not None:
             _download_shards(repo, index, kwargs)
             return index.parent
@@ -137,11 +136,7 @@ def resolve_model(
 
 
 def _download_shards(repo: str, index: Path, kwargs: dict) -> None:
-    try:
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise CheckpointError(f"{index} is not a shard index: expected JSON with a 'weight_map'") from None
-    for shard in shards:
+    for shard in sorted(set(read_index(index).values())):
         path, why = _download(repo, shard, **kwargs)
         if path is None:
             raise CheckpointError(f"shard {shard} of {repo!r} (listed in {index.name}) is {why}")

@@ -75,3 +75,31 @@ def _check_token_ids(config: OPTConfig, input_ids: np.ndarray) -> None:
             f"token id {int(input_ids[where])} at position {where} is out of range: the model's vocab_size is "
             f"{config.vocab_size} (ids must be in [0, {config.vocab_size}))"
         )
+
+
+def check_static_cache(
+    cache_batch: int, cache_length: int, past_length: int | None, batch_and_length: tuple[int, int], mask_shape
+) -> None:
+    """Checks new tokens against a static cache of `cache_batch` rows and `cache_length` slots.
+
+    With a static cache the attention mask covers every slot (zeros past the tokens so far), as HF Flax's.
+
+    Args:
+        past_length: slots already used (None inside a compiled step, where the index is symbolic).
+        batch_and_length: (B, T) of the new tokens.
+        mask_shape: the attention mask's shape, or None.
+    """
+    batch, length = batch_and_length
+    if cache_batch != batch:
+        raise InputError(f"the cache was made for a batch of {cache_batch}, the inputs have a batch of {batch}")
+    if past_length is not None and past_length + length > cache_length:
+        raise InputError(
+            f"the cache holds {cache_length} positions, {past_length} are used: it has no room for {length} more "
+            "tokens; make it longer with init_cache(batch_size, max_length)"
+        )
+    want = (batch, cache_length)
+    if mask_shape is not None and tuple(mask_shape) != want:
+        raise InputError(
+            f"attention_mask has shape {tuple(mask_shape)}, but a batch of {batch} with a cache of {cache_length} "
+            f"positions needs shape {want}"
+        )

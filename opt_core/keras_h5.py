@@ -38,7 +38,8 @@ Sharded (HF `modeling_tf_utils.py`: `tf_shard_checkpoint`, `save_pretrained`, `l
 -----------------------------------------------------------------------------------------
 Not written by Keras but by HF directly, and laid out differently from the single file:
 - Weights are split greedily in `model.weights` order by `size * dtype.size` bytes, exactly as
-  for Flax (see `opt_core.flax_msgpack.plan_shards`); one shard means a plain `tf_model.h5`.
+  for Flax (`opt_core.files.plan_shards`; `opt_core.formats` writes the shards and the index); one
+  shard means a plain `tf_model.h5`.
 - Files `tf_model-00001-of-0000N.h5` and `tf_model.h5.index.json` =
   `json.dumps({"metadata": {"total_size": N}, "weight_map": {full weight name: shard file}},
   indent=2, sort_keys=True) + "\\n"`. The index keys KEEP the instance name.
@@ -61,15 +62,8 @@ import h5py
 import numpy as np
 
 from opt_core.errors import CheckpointError
-from opt_core.flax_msgpack import (
-    atomic_write,
-    index_json_text,
-    plan_shards,
-    read_index,
-    remove_stale_weight_files,
-    shard_file_name,
-    unflatten,
-)
+from opt_core.files import atomic_path, check_not_lfs_pointer, read_head, read_index
+from opt_core.flax_msgpack import unflatten
 
 __all__ = [
     "HDF5_OBJECT_HEADER_LIMIT",
@@ -79,7 +73,7 @@ __all__ = [
     "read_h5",
     "read_h5_sharded",
     "write_h5",
-    "write_h5_sharded",
+    "write_h5_shard",
 ]
 
 TF2_WEIGHTS_NAME = "tf_model.h5"
@@ -90,7 +84,6 @@ KERAS_VERSION = "2.21.0"
 # tf-keras' limit for one attribute (the HDF5 object header is 64 KiB).
 HDF5_OBJECT_HEADER_LIMIT = 64512
 _TOP_LEVEL_GROUP = "top_level_model_weights"
-_LFS_POINTER = b"version https://git-lfs"
 # Kinds h5py stores natively; bfloat16 would silently become opaque 2-byte records.
 _STORABLE_KINDS = "biufc"
 
@@ -160,15 +153,7 @@ def load_attributes(group: h5py.Group, name: str) -> list[str] | None:
 @contextlib.contextmanager
 def _open_for_read(path: Path) -> Iterator[h5py.File]:
     """Open an HDF5 file and turn every h5py failure inside the block into a CheckpointError."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(_LFS_POINTER))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
-    if head == _LFS_POINTER:
-        raise CheckpointError(f"{path}: is a git-lfs pointer, not the weights; run `git lfs pull` in its repository")
+    check_not_lfs_pointer(path, read_head(path))
     try:
         with h5py.File(path, "r") as f:
             yield f
@@ -322,13 +307,8 @@ def _save_subset(group: h5py.Group, items: list[tuple[str, np.ndarray]]) -> None
 @contextlib.contextmanager
 def _create(path: Path) -> Iterator[h5py.File]:
     # Written under a temporary name and renamed, so a crash never leaves a half-written checkpoint.
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        yield f
 
 
 def write_h5(weights: Mapping[str, object], path: str | os.PathLike, instance_name: str) -> None:
@@ -365,47 +345,22 @@ def _shard_dataset_name(full_name: str) -> str:
     return full_name.split("/", 1)[1]
 
 
-def write_h5_sharded(
-    weights: Mapping[str, object],
-    folder: str | os.PathLike,
-    instance_name: str,
-    max_shard_size_bytes: int,
-) -> list[str]:
-    """Write weights as HF's TF `save_pretrained(max_shard_size=...)` does.
+def write_h5_shard(weights: Mapping[str, object], path: str | os.PathLike, instance_name: str) -> None:
+    """Write one shard of HF's sharded TF checkpoint (`opt_core.formats` plans the shards and writes the index).
+
+    Unlike the single file, a shard has no layer groups: `layer_names` lists its datasets, named as HF's TF
+    `save_pretrained` names them, in sorted order.
 
     Args:
-        weights: As for `write_h5`, in the order HF would see `model.weights`.
-        folder: Destination folder (created if needed). Weight files of an earlier save with HF's
-            TF names that the new save does not rewrite are removed.
+        weights: Names without instance, as for `write_h5`.
+        path: Destination file; replaced atomically.
         instance_name: Leading name component, e.g. `tfopt_for_causal_lm`.
-        max_shard_size_bytes: HF's `max_shard_size`, in bytes.
-
-    Returns:
-        Names of the files written, relative to `folder`: `["tf_model.h5"]`, or the shards in order
-        followed by `tf_model.h5.index.json`.
     """
     arrays = _checked(weights, instance_name)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     full = {f"{instance_name}/{name}": array for name, array in arrays.items()}
-    sizes = {name: int(array.size) * array.dtype.itemsize for name, array in full.items()}
-    shards = plan_shards(sizes, max_shard_size_bytes)
-    if len(shards) == 1:
-        remove_stale_weight_files(folder, TF2_WEIGHTS_NAME, TF2_WEIGHTS_INDEX_NAME, {TF2_WEIGHTS_NAME})
-        write_h5(arrays, folder / TF2_WEIGHTS_NAME, instance_name)
-        return [TF2_WEIGHTS_NAME]
-    names = [shard_file_name(TF2_WEIGHTS_NAME, i, len(shards)) for i in range(len(shards))]
-    keep = {*names, TF2_WEIGHTS_INDEX_NAME}
-    remove_stale_weight_files(folder, TF2_WEIGHTS_NAME, TF2_WEIGHTS_INDEX_NAME, keep)
-    weight_map = {}
-    for shard_name, members in zip(names, shards, strict=True):
-        with _create(folder / shard_name) as f:
-            stored = []
-            for full_name in sorted(members):
-                _store(f, _shard_dataset_name(full_name), full[full_name])
-                stored.append(_shard_dataset_name(full_name).encode("utf8"))
-            save_attributes(f, "layer_names", stored)
-        weight_map.update(dict.fromkeys(members, shard_name))
-    index_text = index_json_text(sum(sizes.values()), weight_map)
-    atomic_write(folder / TF2_WEIGHTS_INDEX_NAME, index_text.encode("utf-8"))
-    return [*names, TF2_WEIGHTS_INDEX_NAME]
+    with _create(Path(path)) as f:
+        stored = []
+        for full_name in sorted(full):
+            _store(f, _shard_dataset_name(full_name), full[full_name])
+            stored.append(_shard_dataset_name(full_name).encode("utf8"))
+        save_attributes(f, "layer_names", stored)

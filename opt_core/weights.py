@@ -246,7 +246,17 @@ def to_style_layout(array: np.ndarray, kind: str, style: str) -> np.ndarray:
     return array
 
 
-from_style_layout = to_style_layout  # a transpose is its own inverse
+def module_path(name: str, head: str, sep: str = ".") -> str:
+    """Where a canonical parameter lives in a model of `head`: a bare OPTModel has no `model.` level, as HF's."""
+    return name.removeprefix("model" + sep) if head == "base" else name
+
+
+def fresh_parameter(spec: ParamSpec, config: OPTConfig, rng: np.random.Generator) -> np.ndarray:
+    """HF's init of one canonical parameter (float32, torch layout): normal(init_std) dense weights and
+    embeddings, zero biases, unit norm scales, zero norm biases."""
+    if spec.kind in (DENSE_WEIGHT, EMBEDDING):
+        return rng.normal(0.0, config.init_std, spec.shape).astype(np.float32)
+    return np.ones(spec.shape, np.float32) if spec.kind == NORM_SCALE else np.zeros(spec.shape, np.float32)
 
 
 def style_names(config: OPTConfig, head: str, style: str) -> dict[str, ParamSpec]:
@@ -328,7 +338,7 @@ def match_checkpoint(
             "initialised and needs training",
             stacklevel=3,
         )
-    canonical = {name: from_style_layout(tensors[name], kind_of(name), style) for name in tensors}
+    canonical = {name: to_style_layout(tensors[name], kind_of(name), style) for name in tensors}
     return MatchResult(canonical, missing_heads)
 
 
@@ -362,12 +372,11 @@ def to_file_tensors(
     HF's TF port nests the decoder under `model/` for every model class.
     """
     out = {}
-    model_prefix, _ = _base_prefix_variants(style)
     for spec in parameter_specs(config, head):
         if spec.name not in canonical:
             raise CheckpointError(f"cannot save: parameter {spec.name!r} is missing from the model")
         name = style_name(spec.name, spec.kind, style)
-        if head == "base" and style != "keras":
-            name = name[len(model_prefix) :]
+        if style != "keras":
+            name = module_path(name, head, LEAF_RULES[style].sep)
         out[name] = to_style_layout(canonical[spec.name], spec.kind, style)
     return out

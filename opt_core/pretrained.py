@@ -1,0 +1,160 @@
+"""The framework-free halves of `from_pretrained` and `save_pretrained`, shared by the three framework packages.
+
+`load_pretrained` resolves a folder or hub id, reads config.json (with HF's keyword overrides), reads and checks the
+checkpoint against the parameter table, draws HF's fresh initialisation for a task head the checkpoint lacks, and
+reads generation_config.json. Each framework then only turns canonical numpy arrays into its own tensors.
+
+`save_pretrained` writes config.json (with the saved dtype and HF's class name), generation_config.json and the
+weights in any format (`opt_core.checkpoint.save_checkpoint`: atomic, and an earlier save's weights removed).
+
+Siblings: `opt_torch/pretrained.py`, `opt_tf/pretrained.py`, `opt_flax/pretrained.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from opt_core.checkpoint import load_checkpoint, save_checkpoint
+from opt_core.config import OPTConfig
+from opt_core.dtypes import check_dtype, dtype_name
+from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, get_format
+from opt_core.generation import GenerationConfig, load_generation_config
+from opt_core.hub import resolve_model
+from opt_core.weights import fresh_parameter
+
+EMBED_TOKENS = "model.decoder.embed_tokens.weight"
+# config.json keys HF accepts as keyword overrides besides the fields OPTConfig models.
+_OVERRIDABLE_KEYS = {"label2id", "torch_dtype", "architectures"}
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What `load_pretrained` read, ready for a framework to build its model from.
+
+    Args:
+        folder: the local folder the files came from.
+        config: the model's config, overrides applied.
+        tensors: {canonical name: array} in torch layout and the stored dtype (possibly read-only
+            memory-mapped views), fresh task-head parameters included.
+        stored_dtype: the dtype the checkpoint stores (of the token embedding), for dtype="auto".
+        generation_config: generation_config.json, or the config's special ids.
+    """
+
+    folder: Path
+    config: OPTConfig
+    tensors: dict[str, np.ndarray]
+    stored_dtype: np.dtype
+    generation_config: GenerationConfig
+
+
+def check_overrides(config_overrides: Mapping[str, Any], method: str) -> None:
+    """Refuses a keyword that is neither an option of `method` nor a config field (HF would silently keep it)."""
+    fields = {f.name for f in dataclasses.fields(OPTConfig)} - {"extra"}
+    unknown = sorted(set(config_overrides) - fields - _OVERRIDABLE_KEYS)
+    if unknown:
+        raise TypeError(f"{method}() got arguments that are neither its options nor config fields: {', '.join(unknown)}")
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    head: str,
+    *,
+    config: OPTConfig | None = None,
+    fmt: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+    seed: int | None = 0,
+    config_overrides: Mapping[str, Any] | None = None,
+) -> Loaded:
+    """Reads everything a model of `head` needs from a local folder, the HF cache, or the hub.
+
+    Args:
+        name_or_path: a folder written by `save_pretrained` (any framework, or HF), or a hub id.
+        head: "base", "causal_lm", "sequence_classification" or "question_answering".
+        config: use this config instead of the folder's config.json.
+        fmt: read this checkpoint format when the folder holds several.
+        revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
+        seed: seeds the fresh initialisation of a task head the checkpoint lacks (None: unseeded).
+        config_overrides: config fields to override, as HF's keyword overrides (e.g. `num_labels=3`).
+    """
+    overrides = dict(config_overrides or {})
+    check_overrides(overrides, "from_pretrained")
+    folder = resolve_model(
+        name_or_path,
+        formats=(get_format(fmt).name,) if fmt else None,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+    )
+    if config is None:
+        config = OPTConfig.from_pretrained(folder, **overrides)
+    elif overrides:
+        config = config.replace(**overrides)
+    match = load_checkpoint(folder, config, head, fmt=fmt)
+    tensors = dict(match.tensors)
+    rng = np.random.default_rng(seed)
+    for spec in match.missing_head_params:  # a task head the checkpoint lacks starts fresh, as HF's does
+        tensors[spec.name] = fresh_parameter(spec, config, rng)
+    stored = np.dtype(match.tensors[EMBED_TOKENS].dtype)
+    return Loaded(folder, config, tensors, stored, load_generation_config(folder, config))
+
+
+def save_format(safe_serialization: bool | None, fmt: str | None, native: str, safe_by_default: bool) -> str:
+    """The format `save_pretrained` writes, with HF's meaning of `safe_serialization` in each framework.
+
+    Args:
+        safe_serialization: True writes safetensors, False the framework's own format; None its default.
+        fmt: any registry format, named explicitly; wins when given (and must agree with safe_serialization).
+        native: the framework's own non-safetensors format ("pytorch", "tf" or "flax").
+        safe_by_default: HF PyTorch saves safetensors by default; HF's TF and Flax ports their own format.
+    """
+    if fmt is not None:
+        fmt = get_format(fmt).name
+        if safe_serialization is not None and safe_serialization != (fmt == "safetensors"):
+            raise ValueError(f"safe_serialization={safe_serialization} contradicts fmt={fmt!r}; pass one of them")
+        return fmt
+    safe = safe_by_default if safe_serialization is None else safe_serialization
+    return "safetensors" if safe else native
+
+
+def save_pretrained(
+    folder: str | os.PathLike,
+    canonical: Mapping[str, np.ndarray],
+    config: OPTConfig,
+    head: str,
+    *,
+    architecture: str,
+    generation_config: GenerationConfig | None,
+    fmt: str,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: Any = None,
+) -> list[Path]:
+    """Writes config.json, generation_config.json and the weights as HF does; returns the weight files.
+
+    Args:
+        folder: created if needed.
+        canonical: {canonical name: array or LazyTensor}, torch layout (a tied head once).
+        config, head: the model.
+        architecture: HF's PyTorch class name for config.json's `architectures`, which every framework reads.
+        generation_config: written when given.
+        fmt: a registry format (see `save_format`).
+        max_shard_size: shard above this size ("5GB" = 5 * 10**9 bytes, "5GiB" = 5 * 2**30).
+        dtype: cast the weights on the way out, one tensor at a time (default: as they are).
+    """
+    folder = Path(folder)
+    saved = check_dtype(dtype) if dtype is not None else dtype_name(canonical[EMBED_TOKENS].dtype)
+    config = config.replace(dtype=saved)
+    config.extra["architectures"] = [architecture]
+    config.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    return save_checkpoint(canonical, folder, config, head, fmt=fmt, max_shard_size=max_shard_size, dtype=dtype)
