@@ -16,7 +16,7 @@ FLOAT_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dty
 
 
 def dtype_name(dtype: Any) -> str:
-    """"float16" for "float16", "torch.float16", torch.float16, np.float16, tf.float16 or jnp.float16."""
+    """ "float16" for "float16", "torch.float16", torch.float16, np.float16, tf.float16 or jnp.float16."""
     if isinstance(dtype, str):
         return dtype.removeprefix("torch.")
     name = getattr(dtype, "name", None)  # np.dtype, tf.DType

@@ -58,7 +58,6 @@ Sharded checkpoints (HF `modeling_flax_utils.py`: `flax_shard_checkpoint`, `save
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path

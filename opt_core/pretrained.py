@@ -58,7 +58,9 @@ def check_overrides(config_overrides: Mapping[str, Any], method: str) -> None:
     fields = {f.name for f in dataclasses.fields(OPTConfig)} - {"extra"}
     unknown = sorted(set(config_overrides) - fields - _OVERRIDABLE_KEYS)
     if unknown:
-        raise TypeError(f"{method}() got arguments that are neither its options nor config fields: {', '.join(unknown)}")
+        raise TypeError(
+            f"{method}() got arguments that are neither its options nor config fields: {', '.join(unknown)}"
+        )
 
 
 def load_pretrained(
