@@ -1,12 +1,12 @@
 """The checkpoint format registry: one entry per on-disk format, and the folder-level reading and writing that
 every format shares (format detection, shard plans, index files, atomic writes, removing an earlier save).
 
-| format        | single file        | sharded                                      | names | module             |
-|---------------|--------------------|----------------------------------------------|-------|--------------------|
-| "safetensors" | model.safetensors  | model-0000i-of-0000N.safetensors + .index.json| torch | `safetensors_file` |
-| "pytorch"     | pytorch_model.bin  | pytorch_model-0000i-of-0000N.bin + .index.json| torch | `torch_pickle`     |
-| "tf"  | tf_model.h5| tf_model-0000i-of-0000N.h5 + .index.json      | keras | `keras_h5` |
-| "flax"| flax_model.msgpack | flax_model-0000i-of-0000N.msgpack + .index.json       | flax  | `flax_msgpack`     |
+| format        | single file        | sharded (+ index.json)            | names | module             |
+|---------------|--------------------|-----------------------------------|-------|--------------------|
+| "safetensors" | model.safetensors  | model-0000i-of-0000N.safetensors  | torch | `safetensors_file` |
+| "pytorch"     | pytorch_model.bin  | pytorch_model-0000i-of-0000N.bin  | torch | `torch_pickle`     |
+| "tf"          | tf_model.h5        | tf_model-0000i-of-0000N.h5        | keras | `keras_h5`         |
+| "flax"        | flax_model.msgpack | flax_model-0000i-of-0000N.msgpack | flax  | `flax_msgpack`     |
 
 Adding a format is one module that reads and writes one file, plus one `Format` entry in `FORMATS`. Tensors here
 are named as the file names them (`opt_core.weights` maps them to canonical names); `opt_core.checkpoint` builds
