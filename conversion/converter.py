@@ -19,14 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from conversion import formats, metaseq
-from conversion.tensors import LazyTensor
-from opt_core.checkpoint import DEFAULT_MAX_SHARD_SIZE, FORMATS, STYLE, detect_format, parse_size, to_numpy_dtype
 from opt_core.config import CONFIG_NAME, PRESETS, OPTConfig
+from opt_core.dtypes import FLOAT_DTYPES, to_numpy_dtype
 from opt_core.errors import CheckpointError, ConfigError, OPTError
+from opt_core.files import parse_size
+from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, FORMATS, detect_format, get_format, storable_tensors
+from opt_core.hub import resolve_model
+from opt_core.lazy import LazyTensor
 from opt_core.weights import match_checkpoint
 
 SOURCE_FORMATS = (*FORMATS, "metaseq")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = tuple(FLOAT_DTYPES)
 # Files beside the weights that a converted folder keeps (config.json is written separately: its dtype may change).
 CARRIED_FILES = (
     "generation_config.json",
@@ -128,8 +131,6 @@ def _local_source(src: str | os.PathLike, from_format: str | None) -> Path:
     """`src` itself when it exists; else a hub id, fetched (weights of one format, config, tokenizer files)."""
     if Path(src).exists():
         return Path(src)
-    from opt_core.hub import resolve_model
-
     formats_wanted = (from_format,) if from_format in FORMATS else None
     return resolve_model(str(src), formats=formats_wanted, extra_files=CARRIED_FILES)
 
@@ -188,8 +189,9 @@ def open_source(src: Path, from_format: str | None, config_value: str | os.PathL
     folder = file.parent
     if config is None:
         config, config_file = resolve_config(None, folder)
-    head = formats.detect_head(list(file_tensors), STYLE[fmt], config)
-    match = match_checkpoint(file_tensors, config, head, STYLE[fmt], source=str(src))
+    style = get_format(fmt).style
+    head = formats.detect_head(list(file_tensors), style, config)
+    match = match_checkpoint(file_tensors, config, head, style, source=str(src))
     tensors = {name: LazyTensor.wrap(array, name) for name, array in match.tensors.items()}
     return Source(src, fmt, config, config_file, head, tensors, folder)
 
@@ -237,8 +239,7 @@ def resolve_config(value: str | os.PathLike | None, folder: Path) -> tuple[OPTCo
 
 def _cast(tensors: dict[str, LazyTensor], dtype: str | None, fmt: str) -> dict[str, LazyTensor]:
     """The tensors in the written dtype: `dtype`, or each one's own; tf_model.h5 widens bfloat16 to float32."""
-    target = to_numpy_dtype(dtype) if dtype else None
-    return {name: t.astype(formats.writable_dtype(target or t.dtype, fmt)) for name, t in tensors.items()}
+    return storable_tensors(tensors, fmt, to_numpy_dtype(dtype) if dtype else None)
 
 
 def _output_config(source: Source, tensors: dict[str, LazyTensor], dtype: str | None) -> OPTConfig:

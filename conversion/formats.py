@@ -1,8 +1,7 @@
 """HF-layout checkpoints for conversion: reading a folder's tensors, telling its head, writing and verifying one.
 
-Built on `opt_core.checkpoint`, which reads and writes safetensors and `pytorch_model.bin` itself, `tf_model.h5`
-through `keras_h5` and `flax_model.msgpack` through `flax_msgpack`, each sharded in HF's own layout. Sibling:
-`conversion.metaseq` reads Meta's original checkpoints.
+Built on the format registry `opt_core.formats` (every format, sharded in HF's own layout) and
+`opt_core.checkpoint` (canonical names). Sibling: `conversion.metaseq` reads Meta's original checkpoints.
 """
 
 from __future__ import annotations
@@ -10,16 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-from conversion.tensors import LazyTensor, same_bits
-from opt_core.checkpoint import STYLE, detect_format, read_checkpoint, save_checkpoint
+from opt_core.checkpoint import save_checkpoint
 from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError
+from opt_core.formats import detect_format, get_format, read_checkpoint
+from opt_core.lazy import LazyTensor, same_bits
 from opt_core.weights import LEAF_RULES, to_file_tensors
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 # Roots of the task heads' names, in every style ("score.weight", "score/kernel:0", "score/kernel").
 TASK_HEAD_ROOTS = {"score": "sequence_classification", "qa_outputs": "question_answering"}
 # config.json `architectures` of a model without a head. Only needed for tf_model.h5: HF's TF port names the
@@ -35,7 +33,7 @@ def read_tensors(path: Path, fmt: str | None = None) -> tuple[str, Path, dict[st
 
     Args:
         path: a folder, a weights file, or a shard index.
-        fmt: the format to read; None picks the first present in `opt_core.checkpoint.READ_ORDER`.
+        fmt: the format to read; None picks the first present in `opt_core.formats.READ_ORDER`.
     """
     fmt, file = detect_format(path, fmt)
     return fmt, file, dict(read_checkpoint(file, fmt)[1])
@@ -63,19 +61,14 @@ def detect_head(names: list[str], style: str, config: OPTConfig) -> str:
     return "causal_lm"
 
 
-def writable_dtype(dtype: np.dtype, fmt: str) -> np.dtype:
-    """The dtype a tensor is stored in: HDF5 has no bfloat16, so tf_model.h5 widens it, exactly, to float32."""
-    return np.dtype(np.float32) if fmt == "tf" and dtype == BFLOAT16 else dtype
-
-
 def write_weights(
     tensors: Mapping[str, LazyTensor], folder: Path, config: OPTConfig, head: str, fmt: str, max_shard_size: int
 ) -> list[str]:
     """Writes canonical tensors as HF names them in `fmt`, sharded above `max_shard_size` bytes; returns file names.
 
-    The writers get lazy tensors and materialise them as they go: safetensors one tensor at a time; `.bin` and
-    `.h5` likewise while a tensor is a view of the source, but every cast tensor of the model at once (their
-    writers call `np.asarray` on all values before writing). `flax_msgpack` encodes each file whole in memory.
+    The writers get lazy tensors and materialise one at a time as they write it, so peak memory follows the
+    largest tensor; the Flax writer is the exception (`flax_msgpack` packs each tensor's bytes whole, and the
+    sharded reader reads whole shards).
     """
     files = save_checkpoint(tensors, folder, config, head, fmt, max_shard_size=max_shard_size)
     return [file.name for file in files]
@@ -94,7 +87,7 @@ def verify_weights(folder: Path, fmt: str, expected: Mapping[str, LazyTensor], c
         CheckpointError: listing every tensor that is missing, unexpected or different.
     """
     _, _, found = read_tensors(folder, fmt)
-    wanted = to_file_tensors(expected, config, head, STYLE[fmt])
+    wanted = to_file_tensors(expected, config, head, get_format(fmt).style)
     problems = [f"missing {name}" for name in wanted if name not in found]
     problems += [f"unexpected {name}" for name in found if name not in wanted]
     for name, tensor in wanted.items():

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from conversion.tensors import LazyTensor, same_bits
 from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError, ConfigError
+from opt_core.lazy import LazyTensor, same_bits
 from opt_core.torch_pickle import PickledObject, load_objects
 
 PART_PATTERN = re.compile(r"^(?P<prefix>.+)-model_part-(?P<index>\d+)\.pt$")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from opt_core import OPTConfig
-from opt_core.checkpoint import FORMATS, save_checkpoint
+from opt_core.formats import FORMATS
 from opt_torch import OPTForCausalLM
 
 
@@ -27,8 +27,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in FORMATS:
             folder = Path(tmp) / fmt
-            config.save_pretrained(folder)
-            save_checkpoint(model.canonical_state(), folder, config, "causal_lm", fmt=fmt)
+            model.save_pretrained(folder, fmt=fmt)
             loaded = OPTForCausalLM.from_pretrained(folder)
             with torch.no_grad():
                 diff = (loaded(ids).logits - reference).abs().max().item()

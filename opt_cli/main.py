@@ -104,9 +104,9 @@ def add_info(sub) -> None:
 
 
 def run_info(args) -> int:
-    from opt_core.checkpoint import READ_ORDER, detect_format, read_checkpoint
     from opt_core.config import OPTConfig
     from opt_core.errors import CheckpointError
+    from opt_core.formats import READ_ORDER, detect_format, read_checkpoint
     from opt_core.hub import resolve_model
     from opt_core.weights import parameter_specs
 

@@ -124,12 +124,12 @@ def read_index(index_path: Path) -> dict[str, str]:
     except FileNotFoundError:
         raise CheckpointError(f"{index_path}: file not found") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index_path}: not a valid JSON shard index ({e})") from None
+        raise CheckpointError(f"{index_path}: not a valid JSON index ({e})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
-        raise CheckpointError(f"{index_path}: has no 'weight_map' of tensor name -> shard file")
+        raise CheckpointError(f"{index_path} is not a shard index: no 'weight_map' of tensor name -> shard file")
     for shard in set(weight_map.values()):
         if Path(shard).name != shard or shard in ("", ".", ".."):
             raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name in the folder")

@@ -22,11 +22,12 @@ from conftest import HEADS, VARIANTS, assert_close_on_real_tokens, make_hf_model
 import conversion
 import conversion.converter
 import conversion.formats
-import opt_core.checkpoint
+import opt_core.safetensors_file
 from conversion import ConversionError, convert
-from opt_core.checkpoint import FORMATS, read_checkpoint, write_safetensors
 from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from opt_core.formats import FORMATS, read_checkpoint
+from opt_core.safetensors_file import write_safetensors
 from opt_core.weights import parameter_specs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -409,7 +410,7 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("fmt, file", [(f, opt_core.checkpoint.WEIGHTS_NAME[f]) for f in FORMATS] + [("metaseq", "")])
+@pytest.mark.parametrize("fmt, file", [(f, FORMATS[f].weights_name) for f in FORMATS] + [("metaseq", "")])
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_inputs_leave_no_output(sources, tmp_path, fmt, file, damage):
     src = tmp_path / "src"
@@ -437,7 +438,7 @@ def test_a_failure_mid_write_leaves_no_output(sources, tmp_path, monkeypatch, sh
         if len(calls) == (1 if shard == "5GB" else 3):
             raise OSError("disk full")
 
-    monkeypatch.setattr(opt_core.checkpoint, "write_safetensors", failing_writer)
+    monkeypatch.setattr(opt_core.safetensors_file, "write_safetensors", failing_writer)
     with pytest.raises(OSError, match="disk full"):
         convert(sources[("pytorch", "fp32")], tmp_path / "out", to="safetensors", max_shard_size=shard)
     assert calls and not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")

@@ -14,19 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opt_core import OPTConfig
-from opt_core.checkpoint import (
-    FORMATS,
-    detect_format,
-    load_checkpoint,
-    parse_size,
-    read_checkpoint,
-    read_safetensors,
-    save_checkpoint,
-    write_safetensors,
-)
+from opt_core.checkpoint import load_checkpoint, save_checkpoint
 from opt_core.errors import CheckpointError, ConfigError, InputError
+from opt_core.files import parse_size
+from opt_core.formats import FORMATS, detect_format, read_checkpoint
 from opt_core.hub import resolve_model
 from opt_core.inputs import validate_inputs
+from opt_core.safetensors_file import read_safetensors, write_safetensors
 from opt_core.weights import HEADS, LEAF_RULES, match_checkpoint, parameter_specs, style_name, to_file_tensors
 
 # A config.json as the Hub's facebook/opt-350m has it (keys and values), including keys OPTConfig does not model.
@@ -250,9 +244,11 @@ def test_base_model_files_use_hf_opt_model_names(tmp_path):
 
 
 def test_folder_with_several_formats_prefers_safetensors(tmp_path):
+    # A hub repository holds every format side by side (a save here leaves one: see test_saving.py).
     config = OPTConfig(**_TINY)
     for fmt in ("tf", "flax", "pytorch", "safetensors"):
-        save_checkpoint(random_canonical(config), tmp_path, config, "causal_lm", fmt=fmt)
+        for file in save_checkpoint(random_canonical(config), tmp_path / fmt, config, "causal_lm", fmt=fmt):
+            file.rename(tmp_path / file.name)
     assert detect_format(tmp_path)[0] == "safetensors"
     (tmp_path / "model.safetensors").unlink()
     assert detect_format(tmp_path)[0] == "pytorch"
@@ -355,7 +351,7 @@ def test_opt_core_imports_no_framework():
                     raise ImportError("blocked framework: " + name)
         sys.meta_path.insert(0, Block())
         import numpy as np, opt_core, opt_core.checkpoint, opt_core.hub, opt_core.weights, opt_core.inputs
-        import opt_core.torch_pickle, opt_core.keras_h5, opt_core.flax_msgpack, opt_core.outputs
+        import opt_core.torch_pickle, opt_core.keras_h5, opt_core.flax_msgpack, opt_core.outputs, opt_core.pretrained
         from opt_core.checkpoint import save_checkpoint, load_checkpoint
         config = opt_core.OPTConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, ffn_dim=8,
                                     num_attention_heads=2, max_position_embeddings=8)

@@ -25,11 +25,20 @@ from opt_core.flax_msgpack import (
     read_msgpack_sharded,
     unflatten,
     write_msgpack,
-    write_msgpack_sharded,
 )
-from opt_core.keras_h5 import read_h5, read_h5_sharded, write_h5, write_h5_sharded
+from opt_core.formats import write_tensors
+from opt_core.keras_h5 import read_h5, read_h5_sharded, write_h5
 
 serialization = pytest.importorskip("flax.serialization")
+
+
+def write_names(tensors, folder, max_shard_size, fmt="flax"):
+    """Writes through the format registry (nested Flax trees are flattened first); returns the file names."""
+    if fmt == "flax":
+        tensors = flatten(tensors)
+    return [path.name for path in write_tensors(tensors, folder, fmt, max_shard_size=max_shard_size)]
+
+
 traverse_util = pytest.importorskip("flax.traverse_util")
 
 LEAF_DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16, np.int32]
@@ -180,7 +189,7 @@ def test_msgpack_sharded_matches_hf(tmp_path, max_shard_size):
         "lm_head": {"kernel": random_array(rng, ml_dtypes.bfloat16, (4, 6))},
     }
     _hf_flax_save(tree, tmp_path / "hf", max_shard_size)
-    written = write_msgpack_sharded(tree, tmp_path / "ours", max_shard_size)
+    written = write_names(tree, tmp_path / "ours", max_shard_size)
     assert _folder_bytes(tmp_path / "ours") == _folder_bytes(tmp_path / "hf")
     assert sorted(written) == sorted(_folder_bytes(tmp_path / "hf"))
     if max_shard_size == 10:  # first tensor over the limit: HF leaves an empty first shard
@@ -192,14 +201,14 @@ def test_msgpack_sharded_matches_hf(tmp_path, max_shard_size):
 
 def test_msgpack_sharded_replaces_stale_files(tmp_path):
     tree = {"a": np.ones(8, np.float32), "b": np.ones(8, np.float32)}
-    write_msgpack_sharded(tree, tmp_path, 40)
+    write_names(tree, tmp_path, 40)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "flax_model-00001-of-00002.msgpack",
         "flax_model-00002-of-00002.msgpack",
         "flax_model.msgpack.index.json",
     ]
     (tmp_path / "config.json").write_text("{}")
-    assert write_msgpack_sharded(tree, tmp_path, 10**6) == ["flax_model.msgpack"]
+    assert write_names(tree, tmp_path, 10**6) == ["flax_model.msgpack"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "flax_model.msgpack"]
 
 
@@ -245,7 +254,7 @@ def test_msgpack_missing_and_sharded_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"nothing.msgpack: file not found"):
         read_msgpack(tmp_path / "nothing.msgpack")
     tree = {"a": np.ones(8, np.float32), "b": {"c": np.ones(8, np.float32)}}
-    write_msgpack_sharded(tree, tmp_path / "s", 40)
+    write_names(tree, tmp_path / "s", 40)
     index = tmp_path / "s" / "flax_model.msgpack.index.json"
     shard2 = tmp_path / "s" / "flax_model-00002-of-00002.msgpack"
     write_msgpack({"b": {}}, shard2)
@@ -454,7 +463,7 @@ def hf_load_tf_shards(folder):
 @pytest.mark.parametrize("max_shard_size", [100, 300])
 def test_h5_sharded_layout_and_round_trip(tmp_path, max_shard_size):
     weights = opt_like_weights(np.random.default_rng(4))
-    written = write_h5_sharded(weights, tmp_path, INSTANCE, max_shard_size)
+    written = write_names(weights, tmp_path, max_shard_size, fmt="tf")
     count = len(written) - 1
     assert written[-1] == "tf_model.h5.index.json"
     assert written[:-1] == [f"tf_model-{i:05d}-of-{count:05d}.h5" for i in range(1, count + 1)]
@@ -479,19 +488,19 @@ def test_h5_sharded_layout_and_round_trip(tmp_path, max_shard_size):
 
 def test_h5_sharded_single_file_and_model_dot_names(tmp_path):
     weights = {"model.shared/weight:0": np.ones((3, 2), np.float32), "x/bias:0": np.zeros(7)}
-    write_h5_sharded(weights, tmp_path, INSTANCE, 30)
+    write_names(weights, tmp_path, 30, fmt="tf")
     with h5py.File(tmp_path / "tf_model-00001-of-00002.h5", "r") as f:
         # HF keeps the whole name (instance included) when it contains "model."
         assert list(f.attrs["layer_names"]) == [f"{INSTANCE}/model.shared/weight:0"]
     assert_same(dict(read_h5_sharded(tmp_path / "tf_model.h5.index.json")), weights)
-    assert write_h5_sharded(weights, tmp_path, INSTANCE, 10**6) == ["tf_model.h5"]
+    assert write_names(weights, tmp_path, 10**6, fmt="tf") == ["tf_model.h5"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tf_model.h5"]
     assert_same(dict(read_h5(tmp_path / "tf_model.h5")), weights)
 
 
 def test_h5_sharded_missing_weight(tmp_path):
     weights = opt_like_weights(np.random.default_rng(5), num_layers=1)
-    first, second, *_ = write_h5_sharded(weights, tmp_path, INSTANCE, 100)
+    first, second, *_ = write_names(weights, tmp_path, 100, fmt="tf")
     index = tmp_path / "tf_model.h5.index.json"
     data = json.loads(index.read_text())
     data["weight_map"][f"{INSTANCE}/model/ghost:0"] = first
