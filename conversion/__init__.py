@@ -8,7 +8,8 @@
     convert("opt-125m-metaseq/", "opt-125m-hf/", to="safetensors", dtype="float16")
 
 No framework is imported: reading and writing go through `opt_core`. Modules: `converter` (the entry points and the
-all-or-nothing output), `formats` (HF layouts), `metaseq` (Meta's originals); lazy per-tensor values come from `opt_core.lazy`.
+all-or-nothing output), `formats` (HF layouts), `metaseq` (Meta's originals); lazy per-tensor values come
+from `opt_core.lazy`.
 """
 
 from conversion.converter import ConversionError, ConversionResult, add_arguments, convert, run
