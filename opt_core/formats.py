@@ -33,10 +33,12 @@ import numpy as np
 from opt_core import flax_msgpack, keras_h5, safetensors_file, torch_pickle
 from opt_core.errors import CheckpointError
 from opt_core.files import (
+    check_not_lfs_pointer,
     index_json_text,
     is_shard_of,
     parse_size,
     plan_shards,
+    read_head,
     read_index,
     shard_file_name,
     temporary_path,
@@ -99,6 +101,16 @@ class Format:
         return file_name in (self.weights_name, self.index_name) or is_shard_of(file_name, self.weights_name)
 
 
+def _not_a_pointer(read_file: Callable[[Path], dict[str, np.ndarray]]):
+    """`read_file` behind the git-lfs pointer check, so every format names a pointer the same way."""
+
+    def read(path: Path) -> dict[str, np.ndarray]:
+        check_not_lfs_pointer(path, read_head(path))
+        return read_file(path)
+
+    return read
+
+
 def _read_torch_style_shards(read_file: Callable[[Path], dict[str, np.ndarray]]):
     """Reader of HF's PyTorch-style shards: each shard a whole file of its own tensors, listed in the index."""
 
@@ -151,9 +163,9 @@ FORMATS: dict[str, Format] = {
         weights_name="model.safetensors",
         style="torch",
         suffixes=(".safetensors",),
-        read_file=safetensors_file.read_safetensors,
+        read_file=_not_a_pointer(safetensors_file.read_safetensors),
         write_file=lambda tensors, path, head: safetensors_file.write_safetensors(tensors, path),
-        read_sharded=_read_torch_style_shards(safetensors_file.read_safetensors),
+        read_sharded=_read_torch_style_shards(_not_a_pointer(safetensors_file.read_safetensors)),
         write_shard=lambda tensors, path, head: safetensors_file.write_safetensors(tensors, path),
     ),
     "pytorch": Format(
@@ -161,9 +173,9 @@ FORMATS: dict[str, Format] = {
         weights_name="pytorch_model.bin",
         style="torch",
         suffixes=(".bin", ".pt", ".pth"),
-        read_file=torch_pickle.load_state_dict,
+        read_file=_not_a_pointer(torch_pickle.load_state_dict),
         write_file=_write_pickle,
-        read_sharded=_read_torch_style_shards(torch_pickle.load_state_dict),
+        read_sharded=_read_torch_style_shards(_not_a_pointer(torch_pickle.load_state_dict)),
         write_shard=_write_pickle,
     ),
     "tf": Format(

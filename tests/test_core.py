@@ -281,6 +281,19 @@ def test_empty_folder_and_bad_index_are_named(tmp_path):
         read_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_git_lfs_pointer_is_named_in_every_format(tmp_path, fmt, sharded):
+    config = OPTConfig(**_TINY)
+    files = save_checkpoint(
+        random_canonical(config), tmp_path, config, "causal_lm", fmt=fmt, max_shard_size=2000 if sharded else "5GB"
+    )
+    assert (len(files) > 2) == sharded
+    files[0].write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 12\n")
+    with pytest.raises(CheckpointError, match=f"{files[0].name}: is a git-lfs pointer"):
+        read_checkpoint(tmp_path)
+
+
 def test_parse_size_follows_hf():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("5GiB") == 5 * 2**30
     assert parse_size("200MB") == 200 * 10**6 and parse_size(1234) == 1234
