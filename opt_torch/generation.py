@@ -1,19 +1,22 @@
 """Decoding for the PyTorch models: prefill, one decode step (the unit `torch.compile` compiles), the loops.
 
-Siblings: `opt_tf/generation.py`, `opt_flax/generation.py`; the framework-free parts (GenerationConfig, lengths,
-seeded draws, streamers) live in `opt_core/generation.py`. The loops reproduce HF transformers' `generate`: the
+Siblings: `opt_tf/generation.py`, `opt_flax/generation.py`; everything `generate` does before its loop (options,
+lengths, special ids, prompt checks and expansion, seeded draws, stop strings) is `opt_core.generation.
+prepare_generation`, and the loops read its `DecodeOptions`. The loops reproduce HF transformers' `generate`: the
 same logits processors in the same order, the same stopping and padding rules, and its vectorised beam search.
 
-Shapes: B batch, K beams, T0 prompt length, S max length (static cache size), V vocab.
+Shapes: B batch, K beams, T0 prompt length, S max length (static cache size), M new tokens at most, V vocab.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from opt_core.generation import DecodingPlan, GenerationConfig, decoding_strategy, hits_stop_string, plan_decoding
-from opt_core.inputs import validate_inputs
+from opt_core.generation import DecodeOptions, GenerationCall, GenerationConfig, StopStrings, prepare_generation
+from opt_torch.cache import StaticKVCache
 
 # ----- the model calls: prefill and one decode step
 
@@ -42,29 +45,34 @@ def decode_step(model, tokens, attention_mask, cache, slot):
 # ----- logits processors (HF's order: repetition penalty, no-repeat n-grams, min length; then the warpers)
 
 
-def process_logits(scores, sequences, cur_len, plan: DecodingPlan, config: GenerationConfig, first_real):
-    """B V scores for the next token of `sequences[:, :cur_len]`, with every processor the config asks for."""
-    if config.repetition_penalty != 1.0:
-        scores = repetition_penalty(scores, sequences[:, :cur_len], first_real, config.repetition_penalty)
-    if config.no_repeat_ngram_size > 0:
-        scores = no_repeat_ngram(scores, sequences[:, :cur_len], config.no_repeat_ngram_size)
-    if cur_len < plan.min_length and plan.eos_ids:
+def process_logits(scores, sequences, cur_len, options: DecodeOptions, first_real):
+    """B V scores for the next token of `sequences[:, :cur_len]`, with every processor the options ask for.
+
+    The options' float32 numbers go in as Python floats: torch rounds a Python scalar to the scores' float32,
+    so they compute exactly as HF's Python floats do."""
+    if options.use_repetition_penalty:
+        penalty = float(options.repetition_penalty)
+        scores = repetition_penalty(scores, sequences[:, :cur_len], first_real, penalty)
+    if options.no_repeat_ngram_size > 0:
+        scores = no_repeat_ngram(scores, sequences[:, :cur_len], options.no_repeat_ngram_size)
+    if cur_len < options.min_length and len(options.eos_ids):
         scores = scores.clone()
-        scores[:, list(plan.eos_ids)] = -float("inf")
+        scores[:, options.eos_ids.tolist()] = -float("inf")
     return scores
 
 
-def warp_for_sampling(scores, config: GenerationConfig, min_tokens_to_keep: int = 1):
-    if config.temperature != 1.0:
-        scores = scores / config.temperature
-    if config.top_k:
-        top_k = min(max(config.top_k, min_tokens_to_keep), scores.shape[-1])
+def warp_for_sampling(scores, options: DecodeOptions, min_tokens_to_keep: int = 1):
+    """HF's warpers in its order: temperature, top-k, top-p."""
+    if options.temperature != 1.0:
+        scores = scores / float(options.temperature)
+    if options.top_k:
+        top_k = min(max(options.top_k, min_tokens_to_keep), scores.shape[-1])
         threshold = torch.topk(scores, top_k).values[..., -1:]
         scores = scores.masked_fill(scores < threshold, -float("inf"))
-    if config.top_p < 1.0:
+    if options.use_top_p:
         sorted_scores, order = torch.sort(scores, descending=False)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - config.top_p)
+        remove = cumulative <= float(options.top_p_threshold)
         remove[..., -min_tokens_to_keep:] = False
         scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
     return scores
@@ -103,7 +111,7 @@ def sample_from(scores, uniforms):
     return picks.squeeze(-1).clamp(max=scores.shape[-1] - 1)
 
 
-# ----- the loops
+# ----- generate
 
 
 class GenerationMixin:
@@ -135,37 +143,20 @@ class GenerationMixin:
             compile: run the decode step through `torch.compile` (one compilation per batch size and length).
             **kwargs: GenerationConfig fields, e.g. max_new_tokens=50, do_sample=True, top_p=0.9.
         """
-        base = generation_config or self.generation_config or GenerationConfig.from_model_config(self.config)
-        config = base.updated(**kwargs)
-        input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask)
-        if config.max_new_tokens == 0 or (config.max_new_tokens is None and config.max_length <= input_ids.shape[1]):
-            return input_ids.repeat_interleave(config.num_return_sequences, dim=0)  # nothing to generate
-        expand = config.num_beams if config.num_beams > 1 else config.num_return_sequences
-        if expand > 1:
-            input_ids = input_ids.repeat_interleave(expand, dim=0)
-            attention_mask = attention_mask.repeat_interleave(expand, dim=0)
-        plan = plan_decoding(config, input_ids.shape[0], input_ids.shape[1], self.config.max_position_embeddings, seed)
-        if config.stop_strings and tokenizer is None:
-            raise ValueError("stop_strings need the tokenizer: generate(..., tokenizer=tokenizer)")
-        step = self._step_function(compile)
-        strategy = decoding_strategy(config)
-        if strategy == "beam":
-            return beam_search(self, step, input_ids, attention_mask, plan, config, tokenizer)
-        if strategy == "contrastive":
-            return contrastive_search(self, step, input_ids, attention_mask, plan, config, streamer, tokenizer)
-        return sample_or_greedy(self, step, input_ids, attention_mask, plan, config, streamer, tokenizer)
-
-    def _prepare_prompt(self, input_ids, attention_mask):
-        if input_ids is None:
-            input_ids = torch.full((1, 1), self.config.bos_token_id, dtype=torch.long)
-        input_ids = torch.as_tensor(input_ids, device=self.device)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = torch.as_tensor(attention_mask, device=self.device).long()
-        validate_inputs(self.config, input_ids.cpu().numpy(), attention_mask.cpu().numpy(), None, 0, input_ids.shape)
-        return input_ids.long(), attention_mask
+        call = prepare_generation(
+            self.config,
+            self.generation_config,
+            _host(input_ids),
+            _host(attention_mask),
+            generation_config=generation_config,
+            streamer=streamer,
+            seed=seed,
+            tokenizer=tokenizer,
+            **kwargs,
+        )
+        if call.nothing_to_generate:
+            return torch.from_numpy(call.prompt_only()).to(self.device)
+        return LOOPS[call.options.strategy](self, self._step_function(compile), call)
 
     def _step_function(self, compile: bool):
         if not compile:
@@ -175,52 +166,57 @@ class GenerationMixin:
         return self._compiled_step
 
 
-def _start(model, input_ids, attention_mask, plan):
-    """Buffers for a loop: sequences B S (pad-filled), the mask over S slots, the cache; and the prefill."""
-    from opt_torch.modeling import StaticKVCache  # modeling imports this module for GenerationMixin
+def _host(x):
+    """Prompt ids or a mask for `prepare_generation`, which takes host arrays: a tensor (on any device) as numpy."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return x
 
+
+# ----- the loops' shared pieces
+
+
+def _prompt(model, call: GenerationCall):
+    """The call's expanded prompt on the model's device: input_ids and attention_mask, B T0 int64."""
+    return torch.from_numpy(call.input_ids).to(model.device), torch.from_numpy(call.attention_mask).to(model.device)
+
+
+def _start(model, input_ids, attention_mask, options: DecodeOptions):
+    """Buffers for a loop: sequences B S (pad-filled), the mask over S slots, the cache; and the prefill."""
     batch, prompt = input_ids.shape
-    sequences = torch.full((batch, plan.max_length), plan.pad_token_id, dtype=torch.long, device=input_ids.device)
+    sequences = torch.full(
+        (batch, options.max_length), int(options.pad_token_id), dtype=torch.long, device=input_ids.device
+    )
     sequences[:, :prompt] = input_ids
-    mask = torch.zeros((batch, plan.max_length), dtype=torch.long, device=input_ids.device)
+    mask = torch.zeros((batch, options.max_length), dtype=torch.long, device=input_ids.device)
     mask[:, :prompt] = attention_mask
-    cache = StaticKVCache(model.config, batch, plan.max_length, model.dtype, input_ids.device)
+    cache = StaticKVCache(model.config, batch, options.max_length, model.dtype, input_ids.device)
     logits, hidden = prefill(model, input_ids, mask, cache)
     return sequences, mask, cache, logits, hidden
 
 
-def sample_or_greedy(model, step, input_ids, attention_mask, plan, config, streamer, tokenizer):
-    sequences, mask, cache, logits, _ = _start(model, input_ids, attention_mask, plan)
-    first_real = (attention_mask != 0).int().argmax(dim=1)
-    uniforms = torch.from_numpy(plan.uniforms).to(input_ids.device) if plan.uniforms is not None else None
-    stream = _Finisher(plan, input_ids, streamer, config, tokenizer)
-    cur_len = plan.prompt_length
-    while True:
-        scores = process_logits(logits, sequences, cur_len, plan, config, first_real)
-        if config.do_sample:
-            tokens = sample_from(warp_for_sampling(scores, config), uniforms[:, cur_len - plan.prompt_length])
-        else:
-            tokens = scores.argmax(dim=-1)
-        tokens = stream.record(sequences, cur_len, tokens)
-        cur_len += 1
-        if stream.done(sequences, cur_len):
-            return sequences[:, :cur_len]
-        mask[:, cur_len - 1] = 1
-        logits, _ = step(model, tokens[:, None], mask, cache, torch.tensor([cur_len - 1], device=tokens.device))
+def _first_real(attention_mask):
+    """B T0 -> B: each row's first real (not left-padded) position."""
+    return (attention_mask != 0).int().argmax(dim=1)
+
+
+def _stopped(stop_strings: StopStrings, rows):
+    """R T ids -> R bool on their device: the rows whose text now ends with a stop string."""
+    return torch.from_numpy(stop_strings.stopped(rows.cpu().numpy())).to(rows.device)
 
 
 class _Finisher:
     """Bookkeeping shared by the one-token-per-row loops: padding finished rows, eos, stop strings, streaming."""
 
-    def __init__(self, plan, input_ids, streamer, config, tokenizer):
-        self.plan, self.streamer, self.config, self.tokenizer = plan, streamer, config, tokenizer
-        self.eos = torch.tensor(plan.eos_ids, dtype=torch.long, device=input_ids.device)
+    def __init__(self, options: DecodeOptions, input_ids, streamer, stop_strings: StopStrings | None):
+        self.options, self.streamer, self.stop_strings = options, streamer, stop_strings
+        self.eos = torch.from_numpy(options.eos_ids).long().to(input_ids.device)
         self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
     def record(self, sequences, cur_len, tokens):
-        tokens = torch.where(self.unfinished, tokens, self.plan.pad_token_id)  # finished rows are padded, as HF
+        tokens = torch.where(self.unfinished, tokens, int(self.options.pad_token_id))  # finished rows: pad, as HF
         sequences[:, cur_len] = tokens
         if self.streamer is not None:
             self.streamer.put(tokens.cpu())
@@ -228,62 +224,113 @@ class _Finisher:
         return tokens
 
     def done(self, sequences, cur_len) -> bool:
-        if self.config.stop_strings:
-            self.unfinished &= _not_stopped(sequences[:, :cur_len], self.config.stop_strings, self.tokenizer)
-        finished = cur_len == self.plan.max_length or not self.unfinished.any()
+        if self.stop_strings is not None:
+            self.unfinished &= ~_stopped(self.stop_strings, sequences[:, :cur_len])
+        finished = cur_len == self.options.max_length or not self.unfinished.any()
         if finished and self.streamer is not None:
             self.streamer.end()
         return finished
 
 
-def contrastive_search(model, step, input_ids, attention_mask, plan, config, streamer, tokenizer):
+# ----- sampling and greedy search
+
+
+def sample_or_greedy(model, step, call: GenerationCall):
+    options = call.options
+    input_ids, attention_mask = _prompt(model, call)
+    sequences, mask, cache, logits, _ = _start(model, input_ids, attention_mask, options)
+    first_real = _first_real(attention_mask)
+    uniforms = torch.from_numpy(call.uniforms).to(input_ids.device)  # B M
+    rows = _Finisher(options, input_ids, call.streamer, call.stop_strings)
+    cur_len = options.prompt_length
+    while True:
+        scores = process_logits(logits, sequences, cur_len, options, first_real)
+        if options.do_sample:
+            tokens = sample_from(warp_for_sampling(scores, options), uniforms[:, cur_len - options.prompt_length])
+        else:
+            tokens = scores.argmax(dim=-1)
+        tokens = rows.record(sequences, cur_len, tokens)
+        cur_len += 1
+        if rows.done(sequences, cur_len):
+            return sequences[:, :cur_len]
+        mask[:, cur_len - 1] = 1
+        logits, _ = step(model, tokens[:, None], mask, cache, torch.tensor([cur_len - 1], device=tokens.device))
+
+
+# ----- contrastive search
+
+
+def contrastive_search(model, step, call: GenerationCall):
     """Contrastive search as transformers 4.55 implements it: each step scores the top_k candidates by
     (1 - alpha) * probability - alpha * (max cosine similarity of the candidate's final hidden state to the
     context's), padded prompt positions excluded; the hidden states are taken after the final norm and project_out.
     """
-    batch, top_k, alpha = input_ids.shape[0], config.top_k, config.penalty_alpha
-    expanded_ids = input_ids.repeat_interleave(top_k, dim=0)  # B*K rows: one per candidate
-    sequences, mask, cache, logits, context = _start(
-        model, expanded_ids, attention_mask.repeat_interleave(top_k, 0), plan
-    )
+    options = call.options
+    input_ids, attention_mask = _prompt(model, call)
+    batch, top_k = input_ids.shape[0], options.top_k
+    expanded = (input_ids.repeat_interleave(top_k, dim=0), attention_mask.repeat_interleave(top_k, dim=0))
+    sequences, mask, cache, logits, context = _start(model, *expanded, options)  # B*K rows: one per candidate
     sequences, logits, context = sequences[::top_k].clone(), logits[::top_k], context[::top_k]  # B S, B V, B T0 E
     context_mask = attention_mask.clone()  # B T0, grows by one real slot per step
-    first_real = (attention_mask != 0).int().argmax(dim=1)
-    stream = _Finisher(plan, input_ids, streamer, config, tokenizer)
-    rows = torch.arange(batch, device=input_ids.device)
-    cur_len = plan.prompt_length
+    first_real = _first_real(attention_mask)
+    rows = _Finisher(options, input_ids, call.streamer, call.stop_strings)
+    batch_rows = torch.arange(batch, device=input_ids.device)
+    cur_len = options.prompt_length
     while True:
-        scores = process_logits(logits, sequences, cur_len, plan, config, first_real)
+        scores = process_logits(logits, sequences, cur_len, options, first_real)
         top_probs, top_ids = torch.topk(torch.softmax(scores, dim=-1), k=top_k)  # B K
         mask[:, cur_len] = 1
-        all_logits, hidden = step(
-            model, top_ids.reshape(-1, 1), mask, cache, torch.tensor([cur_len], device=rows.device)
-        )
-        selected = _rank_candidates(context, hidden.view(batch, top_k, -1), top_probs, context_mask, alpha)  # B
-        stream.record(sequences, cur_len, top_ids[rows, selected])
-        cache.reorder((rows * top_k + selected).repeat_interleave(top_k))  # every candidate row continues the pick
-        context = torch.cat([context, hidden.view(batch, top_k, -1)[rows, selected][:, None]], dim=1)
+        slot = torch.tensor([cur_len], device=input_ids.device)
+        all_logits, hidden = step(model, top_ids.reshape(-1, 1), mask, cache, slot)
+        hidden = hidden.view(batch, top_k, -1)  # B K E
+        selected = _rank_candidates(context, hidden, top_probs, context_mask, options)  # B
+        rows.record(sequences, cur_len, top_ids[batch_rows, selected])
+        cache.reorder((batch_rows * top_k + selected).repeat_interleave(top_k))  # every candidate row continues it
+        context = torch.cat([context, hidden[batch_rows, selected][:, None]], dim=1)
         context_mask = torch.cat([context_mask, context_mask.new_ones((batch, 1))], dim=1)
-        logits = all_logits.view(batch, top_k, -1)[rows, selected]
+        logits = all_logits.view(batch, top_k, -1)[batch_rows, selected]
         cur_len += 1
-        if stream.done(sequences, cur_len):
+        if rows.done(sequences, cur_len):
             return sequences[:, :cur_len]
 
 
-def _rank_candidates(context, candidates, probs, context_mask, alpha):
+def _rank_candidates(context, candidates, probs, context_mask, options: DecodeOptions):
     """context B S E, candidates B K E, probs B K, context_mask B S -> the best candidate per row (B)."""
     context = context / context.norm(dim=-1, keepdim=True)
     candidates = candidates / candidates.norm(dim=-1, keepdim=True)
     cosine = candidates @ context.transpose(1, 2)  # B K S
     cosine = cosine + ((1 - context_mask.to(cosine.dtype)) * torch.finfo(cosine.dtype).min)[:, None, :]
     penalty = cosine.max(dim=-1).values  # B K
-    return ((1.0 - alpha) * probs - alpha * penalty).argmax(dim=-1)
+    return (float(options.one_minus_alpha) * probs - float(options.alpha) * penalty).argmax(dim=-1)
 
 
-def _not_stopped(sequences, stop_strings, tokenizer):
-    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-    rows = sequences.cpu().tolist()
-    return torch.tensor([not hits_stop_string(tokenizer, row, stops) for row in rows], device=sequences.device)
+# ----- beam search
+
+
+class BeamState(NamedTuple):
+    """Beam search's buffers (HF's vectorised algorithm); `mask` and `cache` are updated in place."""
+
+    cur_len: int
+    running: torch.Tensor  # B K S: the live beams
+    running_scores: torch.Tensor  # B K float32: their summed log-probabilities
+    running_indices: torch.Tensor  # B K M: the flat beam row each step came from (-1 before it)
+    finished: torch.Tensor  # B K S: the best finished hypotheses
+    finished_scores: torch.Tensor  # B K float32: their length-penalised scores
+    finished_indices: torch.Tensor  # B K M
+    is_finished: torch.Tensor  # B K bool: which `finished` slots hold a real hypothesis
+    improvable: torch.Tensor  # B 1 bool: can the running beams still beat the finished ones
+    mask: torch.Tensor  # B*K S
+    cache: StaticKVCache  # B*K rows
+    first_real: torch.Tensor  # B*K
+
+
+class BeamCandidates(NamedTuple):
+    """One step's candidates: the best beams_to_keep (call it 2K) continuations of each row."""
+
+    scores: torch.Tensor  # B 2K float32: summed log-probabilities
+    sequences: torch.Tensor  # B 2K S
+    indices: torch.Tensor  # B 2K M
+    hits: torch.Tensor  # B 2K bool: the candidate ends here (eos, max length, or a stop string)
 
 
 def _gather_beams(tensor, indices):
@@ -293,84 +340,135 @@ def _gather_beams(tensor, indices):
     return torch.take_along_dim(tensor, indices.expand(*indices.shape[:2], *tensor.shape[2:]), dim=1)
 
 
-def beam_search(model, step, input_ids, attention_mask, plan, config, tokenizer):
+def beam_search(model, step, call: GenerationCall):
     """HF's vectorised beam search (transformers >= 4.50): same candidates, scores, stopping and output length."""
-    num_beams = config.num_beams
-    batch = input_ids.shape[0] // num_beams
-    prompt, max_length = plan.prompt_length, plan.max_length
-    flat_sequences, mask, cache, logits, _ = _start(model, input_ids, attention_mask, plan)
-    device = input_ids.device
-    eos = torch.tensor(plan.eos_ids, dtype=torch.long, device=device)
-    beams_to_keep = max(2, 1 + len(plan.eos_ids)) * num_beams
-    top_num_beam_mask = torch.arange(beams_to_keep, device=device) < num_beams
-    fill = config.pad_token_id or plan.eos_ids[0] if plan.eos_ids else -1  # HF's precedence, kept as is
-    running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
+    options = call.options
+    state, logits = _beam_start(model, call)
+    while True:
+        candidates = _beam_candidates(options, state, logits, call.stop_strings)
+        state, keep_going = _beam_select(options, state, candidates)
+        if not keep_going:
+            return _beam_result(options, state)
+        logits = _beam_advance(model, step, state)
+
+
+def _beam_start(model, call: GenerationCall):
+    """The prefill of every beam row (B*K T0) and the initial state; returns it and the next-token logits."""
+    options = call.options
+    input_ids, attention_mask = _prompt(model, call)
+    num_beams, prompt, max_length = options.num_beams, options.prompt_length, options.max_length
+    batch, device = input_ids.shape[0] // num_beams, input_ids.device
+    _, mask, cache, logits, _ = _start(model, input_ids, attention_mask, options)
+    running = torch.full((batch, num_beams, max_length), int(options.beam_fill), dtype=torch.long, device=device)
     running[:, :, :prompt] = input_ids.view(batch, num_beams, prompt)
-    finished = running.clone()
     running_scores = torch.zeros((batch, num_beams), device=device)
     running_scores[:, 1:] = -1e9
-    finished_scores = torch.full((batch, num_beams), -1e9, device=device)
-    is_finished = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
-    improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
-    running_indices = torch.full((batch, num_beams, max_length - prompt), -1, dtype=torch.long, device=device)
-    finished_indices = running_indices.clone()
-    first_real = (attention_mask != 0).int().argmax(dim=1)
-    cur_len = prompt
-    while True:
-        flat = running.view(batch * num_beams, max_length)
-        log_probs = process_logits(F.log_softmax(logits, dim=-1), flat, cur_len, plan, config, first_real)
-        log_probs = (log_probs.view(batch, num_beams, -1) + running_scores[:, :, None]).view(batch, -1)
-        topk_scores, topk_flat = torch.topk(log_probs, k=beams_to_keep)
-        vocab = logits.shape[-1]
-        topk_beams = topk_flat // vocab
-        topk_sequences = _gather_beams(running, topk_beams)
-        topk_sequences[:, :, cur_len] = topk_flat % vocab
-        topk_indices = _gather_beams(running_indices, topk_beams)
-        topk_indices[:, :, cur_len - prompt] = topk_beams + torch.arange(batch, device=device)[:, None] * num_beams
-        hits = torch.isin(topk_sequences[:, :, cur_len], eos) | (cur_len + 1 >= max_length)
-        if config.stop_strings:
-            hits |= ~_not_stopped(
-                topk_sequences[:, :, : cur_len + 1].flatten(0, 1), config.stop_strings, tokenizer
-            ).view_as(hits)
-        # The running beams: the best continuations that did not just finish.
-        masked_scores = topk_scores + hits.float() * -1.0e9
-        keep = torch.topk(masked_scores, k=num_beams).indices
-        running, running_scores = _gather_beams(topk_sequences, keep), _gather_beams(masked_scores, keep)
-        running_indices = _gather_beams(topk_indices, keep)
-        # The finished beams: merge in candidates among the top num_beams that just finished.
-        just_finished = hits & top_num_beam_mask[None, :]
-        final_scores = topk_scores / ((cur_len + 1 - prompt) ** config.length_penalty)
-        full = torch.all(is_finished, dim=-1, keepdim=True) & (config.early_stopping is True)
-        final_scores = final_scores + full.float() * -1.0e9 + (~improvable).float() * -1.0e9
-        final_scores = final_scores + (~just_finished) * -1.0e9
-        merged_scores = torch.cat((finished_scores, final_scores), dim=1)
-        best = torch.topk(merged_scores, k=num_beams).indices
-        finished = _gather_beams(torch.cat((finished, topk_sequences), dim=1), best)
-        finished_scores = _gather_beams(merged_scores, best)
-        finished_indices = _gather_beams(torch.cat((finished_indices, topk_indices), dim=1), best)
-        is_finished = _gather_beams(torch.cat((is_finished, just_finished), dim=1), best)
-        cache.reorder(running_indices[..., cur_len - prompt].flatten())
-        cur_len += 1
-        improvable = _still_improvable(improvable, running_scores, finished_scores, is_finished, cur_len, plan, config)
-        done_all = torch.all(is_finished) & (config.early_stopping is True)
-        if not (torch.any(improvable) and not done_all and not torch.all(hits)):
-            break
-        tokens = running[:, :, cur_len - 1].reshape(-1)
-        mask[:, cur_len - 1] = 1
-        logits, _ = step(model, tokens[:, None], mask, cache, torch.tensor([cur_len - 1], device=device))
-    returned = config.num_return_sequences
-    sequences = finished[:, :returned].reshape(batch * returned, max_length)
-    indices = finished_indices[:, :returned].reshape(batch * returned, -1)
-    generated = int((indices + 1).bool().sum(dim=1).max())
-    return sequences[:, : prompt + generated]
+    no_indices = torch.full((batch, num_beams, max_length - prompt), -1, dtype=torch.long, device=device)
+    state = BeamState(
+        cur_len=prompt,
+        running=running,
+        running_scores=running_scores,
+        running_indices=no_indices,
+        finished=running.clone(),
+        finished_scores=torch.full((batch, num_beams), -1e9, device=device),
+        finished_indices=no_indices.clone(),
+        is_finished=torch.zeros((batch, num_beams), dtype=torch.bool, device=device),
+        improvable=torch.ones((batch, 1), dtype=torch.bool, device=device),
+        mask=mask,
+        cache=cache,
+        first_real=_first_real(attention_mask),
+    )
+    return state, logits
 
 
-def _still_improvable(improvable, running_scores, finished_scores, is_finished, cur_len, plan, config):
+def _beam_candidates(options: DecodeOptions, state: BeamState, logits, stop_strings) -> BeamCandidates:
+    """HF's candidates: the top 2K of every beam's processed log-probabilities plus its score (logits B*K V)."""
+    (batch, num_beams, max_length), cur_len = state.running.shape, state.cur_len
+    device = logits.device
+    flat = state.running.view(batch * num_beams, max_length)
+    log_probs = process_logits(F.log_softmax(logits, dim=-1), flat, cur_len, options, state.first_real)
+    log_probs = (log_probs.view(batch, num_beams, -1) + state.running_scores[:, :, None]).view(batch, -1)
+    topk_scores, topk_flat = torch.topk(log_probs, k=options.beams_to_keep)  # B 2K
+    vocab = logits.shape[-1]
+    topk_beams = topk_flat // vocab
+    sequences = _gather_beams(state.running, topk_beams)
+    sequences[:, :, cur_len] = topk_flat % vocab
+    indices = _gather_beams(state.running_indices, topk_beams)
+    origins = topk_beams + torch.arange(batch, device=device)[:, None] * num_beams  # the flat row each extends
+    indices[:, :, cur_len - options.prompt_length] = origins
+    eos = torch.from_numpy(options.eos_ids).long().to(device)
+    hits = torch.isin(sequences[:, :, cur_len], eos) | (cur_len + 1 >= max_length)
+    if stop_strings is not None:
+        hits |= _stopped(stop_strings, sequences[:, :, : cur_len + 1].flatten(0, 1)).view_as(hits)
+    return BeamCandidates(topk_scores, sequences, indices, hits)
+
+
+def _beam_select(options: DecodeOptions, state: BeamState, candidates: BeamCandidates):
+    """HF's update: the running beams, the merged finished ones, the cache's reorder; and whether to go on."""
+    # The running beams: the best continuations that did not just finish.
+    masked_scores = candidates.scores + candidates.hits.float() * -1.0e9
+    keep = torch.topk(masked_scores, k=options.num_beams).indices
+    state = state._replace(
+        running=_gather_beams(candidates.sequences, keep),
+        running_scores=_gather_beams(masked_scores, keep),
+        running_indices=_gather_beams(candidates.indices, keep),
+    )
+    state = _merge_finished(options, state, candidates)
+    state.cache.reorder(state.running_indices[..., state.cur_len - options.prompt_length].flatten())
+    cur_len = state.cur_len + 1
+    improvable = _still_improvable(options, state, cur_len)
+    done_all = torch.all(state.is_finished) & options.stop_when_full
+    keep_going = bool(torch.any(improvable) and not done_all and not torch.all(candidates.hits))
+    return state._replace(cur_len=cur_len, improvable=improvable), keep_going
+
+
+def _merge_finished(options: DecodeOptions, state: BeamState, candidates: BeamCandidates) -> BeamState:
+    """The finished beams: merge in candidates among the top num_beams that just finished."""
+    num_beams = options.num_beams
+    top_num_beam_mask = torch.arange(options.beams_to_keep, device=candidates.hits.device) < num_beams
+    just_finished = candidates.hits & top_num_beam_mask[None, :]
+    divisor = float(options.length_divisors[state.cur_len + 1 - options.prompt_length])  # new tokens ** penalty
+    final_scores = candidates.scores / divisor
+    full = torch.all(state.is_finished, dim=-1, keepdim=True) & options.stop_when_full
+    final_scores = final_scores + full.float() * -1.0e9 + (~state.improvable).float() * -1.0e9
+    final_scores = final_scores + (~just_finished) * -1.0e9
+    merged_scores = torch.cat((state.finished_scores, final_scores), dim=1)
+    best = torch.topk(merged_scores, k=num_beams).indices
+    return state._replace(
+        finished=_gather_beams(torch.cat((state.finished, candidates.sequences), dim=1), best),
+        finished_scores=_gather_beams(merged_scores, best),
+        finished_indices=_gather_beams(torch.cat((state.finished_indices, candidates.indices), dim=1), best),
+        is_finished=_gather_beams(torch.cat((state.is_finished, just_finished), dim=1), best),
+    )
+
+
+def _still_improvable(options: DecodeOptions, state: BeamState, cur_len: int):
     """HF's early-stop heuristic: can the best running beam still beat the worst finished one?"""
-    if config.early_stopping == "never" and config.length_penalty > 0.0:
-        best_length = plan.max_length - plan.prompt_length
-    else:
-        best_length = cur_len - plan.prompt_length
-    best_running = running_scores[:, :1] / (best_length**config.length_penalty)
-    worst_finished = torch.where(is_finished, torch.min(finished_scores, dim=1, keepdim=True)[0], -1.0e9)
-    return improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
+    best_length = options.max_new_tokens if options.best_at_max_length else cur_len - options.prompt_length
+    best_running = state.running_scores[:, :1] / float(options.length_divisors[best_length])
+    worst = torch.min(state.finished_scores, dim=1, keepdim=True)[0]
+    worst_finished = torch.where(state.is_finished, worst, -1.0e9)
+    return state.improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
+
+
+def _beam_advance(model, step, state: BeamState):
+    """Feeds each running beam's last token through the model (mask and cache in place); returns the logits."""
+    cur_len = state.cur_len
+    tokens = state.running[:, :, cur_len - 1].reshape(-1)  # B*K
+    state.mask[:, cur_len - 1] = 1
+    slot = torch.tensor([cur_len - 1], device=tokens.device)
+    logits, _ = step(model, tokens[:, None], state.mask, state.cache, slot)
+    return logits
+
+
+def _beam_result(options: DecodeOptions, state: BeamState):
+    """The best num_return_sequences hypotheses of each row, (B*R) (T0 + new), as long as HF returns them."""
+    batch, _, max_length = state.finished.shape
+    returned = options.num_return_sequences
+    sequences = state.finished[:, :returned].reshape(batch * returned, max_length)
+    indices = state.finished_indices[:, :returned].reshape(batch * returned, -1)
+    generated = int((indices + 1).bool().sum(dim=1).max())
+    return sequences[:, : options.prompt_length + generated]
+
+
+LOOPS = {"sample": sample_or_greedy, "contrastive": contrastive_search, "beam": beam_search}

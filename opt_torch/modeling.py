@@ -8,7 +8,8 @@ Shapes: B batch, T query length, S key/cache length, N heads, H head dim, D hidd
 F ffn dim, V vocab, L layers, C labels.
 
 Caches: `past_key_values` is HF's layout, per layer (k, v) each B N S H; a forward with `use_cache=True` returns
-the grown tuple. `StaticKVCache` (in `opt_torch.generation`) preallocates the same layout for compiled decoding.
+the grown tuple. `StaticKVCache` (in `opt_torch.cache`) preallocates the same layout for compiled decoding. Either
+way attention receives its layer's view of the cache and calls its `update` (HF's `Cache.update`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opt_core.config import OPTConfig
+from opt_core.heads import pools_last_position, problem_type
 from opt_core.inputs import validate_inputs
 from opt_core.outputs import (
     BaseModelOutputWithPast,
@@ -25,6 +27,7 @@ from opt_core.outputs import (
     QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
 )
+from opt_torch.cache import DynamicKVCache, StaticKVCache
 from opt_torch.generation import GenerationMixin
 from opt_torch.pretrained import PreTrainedOPT
 
@@ -52,31 +55,6 @@ def make_attention_mask(attention_mask: torch.Tensor, query_slots: torch.Tensor)
     key_slots = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     causal = key_slots[None, :] <= query_slots[:, None]  # T S
     return causal[None, None] & attention_mask[:, None, None, :].bool()
-
-
-class StaticKVCache:
-    """Preallocated keys and values for compiled decoding: per layer B N S H, S = max_length.
-
-    The caller passes `cache_position` (the slots the new tokens are written to) and an attention mask over all
-    S slots (0 for slots not written yet), so every decode step sees the same shapes.
-
-    Args:
-        config: the model's OPTConfig.
-        batch_size: B.
-        max_length: S, prompt plus new tokens.
-        dtype, device: of the buffers (the model's).
-    """
-
-    def __init__(self, config: OPTConfig, batch_size: int, max_length: int, dtype=torch.float32, device=None):
-        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # B N S H
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-
-    def reorder(self, beam_index: torch.Tensor) -> None:
-        """Keeps the rows `beam_index` (beam search), in place."""
-        for cache in (self.keys, self.values):
-            for i, buffer in enumerate(cache):
-                cache[i] = buffer.index_select(0, beam_index)
 
 
 class OPTLearnedPositionalEmbedding(nn.Embedding):
@@ -116,13 +94,8 @@ class OPTAttention(nn.Module):
         q = self._split_heads(self.q_proj(hidden_states) * self.scaling)  # B N T H
         k = self._split_heads(self.k_proj(hidden_states))  # B N T H
         v = self._split_heads(self.v_proj(hidden_states))  # B N T H
-        if past_key_value is not None and len(past_key_value) == 3:  # static cache: write at the given slots
-            k_cache, v_cache, slots = past_key_value
-            k = k_cache.index_copy_(2, slots, k)  # B N S H
-            v = v_cache.index_copy_(2, slots, v)  # B N S H
-        elif past_key_value is not None:
-            k = torch.cat([past_key_value[0], k], dim=2)  # B N S H
-            v = torch.cat([past_key_value[1], v], dim=2)  # B N S H
+        if past_key_value is not None:  # this layer's cache (opt_torch.cache): stores k, v, returns all so far
+            k, v = past_key_value.update(k, v)  # B N S H
         dropout = self.dropout if self.training else 0.0
         probs = None
         if self.attn_implementation == "sdpa" and not output_attentions:
@@ -138,7 +111,7 @@ class OPTAttention(nn.Module):
             attn = F.dropout(probs, p=dropout, training=self.training) @ v  # B N T H
         b, _, t, _ = attn.shape
         attn = attn.transpose(1, 2).reshape(b, t, -1)  # B N T H -> B T D
-        return self.out_proj(attn), (k, v), probs
+        return self.out_proj(attn), probs
 
 
 class OPTDecoderLayer(nn.Module):
@@ -159,7 +132,7 @@ class OPTDecoderLayer(nn.Module):
         residual = hidden_states
         if self.do_layer_norm_before:
             hidden_states = self.self_attn_layer_norm(hidden_states)
-        hidden_states, present, probs = self.self_attn(hidden_states, mask, past_key_value, output_attentions)
+        hidden_states, probs = self.self_attn(hidden_states, mask, past_key_value, output_attentions)
         hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
         if not self.do_layer_norm_before:
             hidden_states = self.self_attn_layer_norm(hidden_states)
@@ -171,7 +144,7 @@ class OPTDecoderLayer(nn.Module):
         hidden_states = residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
         if not self.do_layer_norm_before:
             hidden_states = self.final_layer_norm(hidden_states)
-        return hidden_states, present, probs
+        return hidden_states, probs
 
 
 class OPTDecoder(nn.Module):
@@ -209,23 +182,14 @@ class OPTDecoder(nn.Module):
         cache_position=None,
         validate=True,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None and input_ids.dim() == 1:
-            input_ids = input_ids[None]  # T -> 1 T, as HF does
-        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        input_ids, (batch, length) = _new_tokens(input_ids, inputs_embeds)
         device = (input_ids if input_ids is not None else inputs_embeds).device
-        static = isinstance(past_key_values, StaticKVCache)
-        if static and (cache_position is None or attention_mask is None):
-            raise ValueError("a StaticKVCache needs cache_position and an attention_mask over all its slots")
-        past_length = 0 if static else (past_key_values[0][0].shape[2] if past_key_values else 0)
+        cache = _cache(past_key_values, use_cache, cache_position, attention_mask)
+        past_length = cache.past_length if isinstance(cache, DynamicKVCache) else 0
         if validate and not torch.compiler.is_compiling():  # the decode loop feeds only ids the model produced
-            mask_to_check = None if static else attention_mask
-            _validate(self.config, input_ids, mask_to_check, position_ids, past_length, (batch, length))
+            _validate(self.config, input_ids, attention_mask, position_ids, cache, cache_position, (batch, length))
         if cache_position is None:
             cache_position = torch.arange(past_length, past_length + length, device=device)
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)  # B T E
         if attention_mask is None:
             attention_mask = torch.ones(batch, past_length + length, device=device)
         attention_mask = attention_mask.to(device, torch.long)
@@ -233,45 +197,88 @@ class OPTDecoder(nn.Module):
             position_ids = make_position_ids(attention_mask, cache_position)
         mask = make_attention_mask(attention_mask, cache_position)  # B 1 T S
 
-        if self.project_in is not None:
-            inputs_embeds = self.project_in(inputs_embeds)  # B T E -> B T D
-        hidden_states = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)
-        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
-
-        all_hidden, all_attn, presents = [], [], []
-        for i, layer in enumerate(self.layers):
-            all_hidden.append(hidden_states)
-            if static:
-                past = (past_key_values.keys[i], past_key_values.values[i], cache_position)
-            else:
-                past = past_key_values[i] if past_key_values else None
-            hidden_states, present, probs = layer(hidden_states, mask, past, output_attentions)
-            presents.append(present)
-            all_attn.append(probs)
-
-        if self.final_layer_norm is not None:
-            hidden_states = self.final_layer_norm(hidden_states)
-        if self.project_out is not None:
-            hidden_states = self.project_out(hidden_states)  # B T D -> B T E
+        hidden_states = self._embed(input_ids, inputs_embeds, position_ids)
+        hidden_states, all_hidden, all_attn = self._run_layers(
+            hidden_states, mask, cache, cache_position, output_attentions
+        )
+        hidden_states = self._finish(hidden_states)
         # As HF: L + 1 entries, each layer's input, then the final (normed, projected) state.
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=(past_key_values if static else tuple(presents)) if use_cache else None,
+            past_key_values=_returned_cache(cache) if use_cache else None,
             hidden_states=(*all_hidden, hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
         )
 
+    def _embed(self, input_ids, inputs_embeds, position_ids) -> torch.Tensor:
+        """The new tokens' embeddings (projected to D) plus their positions' (B T D)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # B T E
+        if self.project_in is not None:
+            inputs_embeds = self.project_in(inputs_embeds)  # B T E -> B T D
+        hidden_states = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)
+        return F.dropout(hidden_states, p=self.dropout, training=self.training)
 
-def _validate(config, input_ids, attention_mask, position_ids, past_length, batch_and_length):
+    def _run_layers(self, hidden_states, mask, cache, cache_position, output_attentions):
+        """The L layers: the last one's output, each layer's input, each layer's attention probs (or None)."""
+        all_hidden, all_attn = [], []
+        for i, layer in enumerate(self.layers):
+            all_hidden.append(hidden_states)
+            past = cache.layer(i, cache_position) if cache is not None else None
+            hidden_states, probs = layer(hidden_states, mask, past, output_attentions)
+            all_attn.append(probs)
+        return hidden_states, all_hidden, all_attn
+
+    def _finish(self, hidden_states) -> torch.Tensor:
+        """The final norm, then project_out (B T D -> B T E)."""
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        if self.project_out is not None:
+            hidden_states = self.project_out(hidden_states)  # B T D -> B T E
+        return hidden_states
+
+
+def _new_tokens(input_ids, inputs_embeds):
+    """input_ids as B T (a lone row of T ids is a batch of one, as HF) and (B, T) of the new tokens."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if input_ids is not None and input_ids.dim() == 1:
+        input_ids = input_ids[None]  # T -> 1 T, as HF does
+    batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    return input_ids, (batch, length)
+
+
+def _cache(past_key_values, use_cache, cache_position, attention_mask):
+    """The cache a forward updates: a StaticKVCache as given, HF's tuples in a DynamicKVCache, or None."""
+    if isinstance(past_key_values, StaticKVCache):
+        if cache_position is None or attention_mask is None:
+            raise ValueError("a StaticKVCache needs cache_position and an attention_mask over all its slots")
+        return past_key_values
+    if past_key_values or use_cache:
+        return DynamicKVCache(past_key_values)
+    return None
+
+
+def _returned_cache(cache):
+    """What a forward returns as past_key_values: the StaticKVCache itself, or HF's tuples."""
+    return cache if isinstance(cache, StaticKVCache) else cache.to_legacy()
+
+
+def _validate(config, input_ids, attention_mask, position_ids, cache, cache_position, batch_and_length):
+    """Clear errors for bad input (`opt_core.inputs`) from host copies; a static cache checks the tokens fit."""
+
     def host(x):
         return None if x is None else x.detach().cpu().numpy()
 
+    static = isinstance(cache, StaticKVCache)
+    if static:  # its mask covers every slot, so the cache checks the mask's shape
+        cache.check(cache_position, batch_and_length, tuple(attention_mask.shape))
     validate_inputs(
         config,
         host(input_ids),
-        host(attention_mask),
+        None if static else host(attention_mask),
         host(position_ids),
-        past_length,
+        cache.past_length if isinstance(cache, DynamicKVCache) else 0,
         batch_and_length,
     )
 
@@ -370,13 +377,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def last_non_pad_index(input_ids, pad_token_id, batch_size):
-    """HF's rule: the rightmost token that is not pad_token_id (so left and right padding both work)."""
-    if pad_token_id is None:
-        if batch_size != 1:
-            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+    """HF's rule (`opt_core.heads.pools_last_position`): the rightmost token that is not pad_token_id."""
+    if pools_last_position(pad_token_id, batch_size, input_ids is not None):
         return -1
-    if input_ids is None:
-        return -1  # with inputs_embeds the padding cannot be seen: take the last position, as HF does
     non_pad = (input_ids != pad_token_id).int()
     positions = torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32)
     return (positions * non_pad).argmax(-1)
@@ -430,15 +433,7 @@ class OPTForSequenceClassification(PreTrainedOPT):
         return result if return_dict is not False else result.to_tuple()
 
     def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        problem = self.config.problem_type
-        if problem is None:
-            if self.num_labels == 1:
-                problem = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
-            self.config.problem_type = problem  # HF records the choice on the config
+        problem = problem_type(self.config, self.num_labels, labels.dtype in (torch.long, torch.int))
         if problem == "regression":
             if self.num_labels == 1:
                 return F.mse_loss(pooled.squeeze(), labels.squeeze().to(pooled.dtype))

@@ -1,7 +1,9 @@
 """`from_pretrained` / `save_pretrained` for the PyTorch models: the glue between `opt_core` and `nn.Module`.
 
-Siblings: `opt_tf/pretrained.py`, `opt_flax/pretrained.py`. Module attribute names equal canonical names
-(`opt_core.weights`), so the torch leaf rule is the identity; a bare `OPTModel` drops the leading `model.`.
+Siblings: `opt_tf/pretrained.py`, `opt_flax/pretrained.py`. Everything framework-free (resolving the folder, the
+config, reading and checking the checkpoint, a fresh task head, generation_config.json; writing them back) is in
+`opt_core.pretrained`. Module attribute names equal canonical names (`opt_core.weights`), so the torch leaf rule is
+the identity; a bare `OPTModel` drops the leading `model.` (`opt_core.weights.module_path`).
 
 Loading builds the model on the meta device (no random weights allocated), reads memory-mapped arrays from the
 checkpoint and assigns each parameter once in the target dtype, so the model is never held twice.
@@ -19,27 +21,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from opt_core.checkpoint import load_checkpoint, save_checkpoint
+from opt_core import dtypes
+from opt_core import pretrained as core
 from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError
-from opt_core.generation import load_generation_config
-from opt_core.hub import resolve_model
+from opt_core.weights import module_path
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The torch dtype of each name in `opt_core.dtypes.FLOAT_DTYPES` (float32, float16, bfloat16).
+TORCH_DTYPES = {name: getattr(torch, name) for name in dtypes.FLOAT_DTYPES}
 
 
 def resolve_dtype(dtype: Any, stored: np.dtype | None) -> torch.dtype:
-    """float32 by default whatever the checkpoint stores; "auto" keeps the stored dtype."""
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
-        return _DTYPES.get(str(stored), torch.float32) if stored is not None else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use 'auto', float32, float16 or bfloat16")
-    return _DTYPES[key]
+    """float32 by default whatever the checkpoint stores; "auto" keeps the stored dtype (`opt_core.dtypes`)."""
+    return TORCH_DTYPES[dtypes.resolve_dtype(dtype, stored)]
 
 
 def numpy_to_torch(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -124,9 +118,6 @@ class PreTrainedOPT(nn.Module):
 
     # ----- canonical names
 
-    def _module_name(self, canonical: str) -> str:
-        return canonical.removeprefix("model.") if self.head == "base" else canonical
-
     def canonical_state(self) -> dict[str, np.ndarray]:
         """{canonical name: numpy array} of every parameter (tied ones once)."""
         prefix = "model." if self.head == "base" else ""
@@ -164,41 +155,32 @@ class PreTrainedOPT(nn.Module):
             fmt: read this checkpoint format ("safetensors", "pytorch", "tf", "flax") when the folder has several.
             **config_overrides: config fields to override, as HF (e.g. `num_labels=3`).
         """
-        folder = resolve_model(
+        loaded = core.load_pretrained(
             name_or_path,
-            formats=(fmt,) if fmt else None,
+            cls.head,
+            config=config,
+            fmt=fmt,
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
+            seed=int(torch.randint(2**31 - 1, ()).item()),  # torch.manual_seed controls a fresh head's init
+            config_overrides=config_overrides,
         )
-        if config is None:
-            config = OPTConfig.from_pretrained(folder, **config_overrides)
-        elif config_overrides:
-            config = config.replace(**config_overrides)
-        match = load_checkpoint(folder, config, cls.head, fmt=fmt)
-        stored = match.tensors["model.decoder.embed_tokens.weight"].dtype
-        target = resolve_dtype(dtype if dtype is not None else torch_dtype, stored)
+        target = resolve_dtype(dtype if dtype is not None else torch_dtype, loaded.stored_dtype)
         with torch.device("meta"):
-            model = cls(config)
-        model._assign(match, target, device)
+            model = cls(loaded.config)
+        model._assign(loaded.tensors, target, device)
         if hasattr(model, "generate"):
-            model.generation_config = load_generation_config(folder, config)
+            model.generation_config = loaded.generation_config
         model.set_attn_implementation(attn_implementation)
         return model.eval()
 
-    def _assign(self, match, dtype: torch.dtype, device) -> None:
+    def _assign(self, tensors: dict[str, np.ndarray], dtype: torch.dtype, device) -> None:
         device = torch.device(device or "cpu")
         state = {
-            self._module_name(name): numpy_to_torch(array, dtype).to(device) for name, array in match.tensors.items()
+            module_path(name, self.head): numpy_to_torch(array, dtype).to(device) for name, array in tensors.items()
         }
-        for spec in match.missing_head_params:
-            fresh = torch.empty(spec.shape, dtype=dtype, device=device)
-            if spec.kind == "dense_bias":
-                nn.init.zeros_(fresh)
-            else:
-                nn.init.normal_(fresh, mean=0.0, std=self.config.init_std)
-            state[self._module_name(spec.name)] = fresh
         result = self.load_state_dict(state, strict=False, assign=True)
         self.tie_weights()
         left = [k for k in result.missing_keys if not (k == "lm_head.weight" and self.config.tie_word_embeddings)]
@@ -211,28 +193,28 @@ class PreTrainedOPT(nn.Module):
         self,
         save_directory: str | os.PathLike,
         *,
-        safe_serialization: bool = True,
+        safe_serialization: bool | None = None,
+        fmt: str | None = None,
         max_shard_size: int | str = "5GB",
+        dtype: Any = None,
     ) -> list[Path]:
-        """Writes config.json and the weights (model.safetensors, or pytorch_model.bin) as HF does.
+        """Writes config.json, generation_config.json and the weights as HF does; returns the weight files.
 
         Args:
             save_directory: the folder; created if needed.
-            safe_serialization: safetensors (default) or pytorch_model.bin.
+            safe_serialization: safetensors (the default, as HF PyTorch) or, when False, pytorch_model.bin.
+            fmt: any format of `opt_core.formats` ("safetensors", "pytorch", "tf", "flax"); wins when given.
             max_shard_size: shard above this size ("5GB" = 5 * 10**9 bytes, "5GiB" = 5 * 2**30).
+            dtype: cast the weights on the way out (default: the model's dtype).
         """
-        folder = Path(save_directory)
-        config = self.config.replace(dtype=str(self.dtype).removeprefix("torch."))
-        config.extra["architectures"] = [type(self).__name__]
-        config.save_pretrained(folder)
-        if getattr(self, "generation_config", None) is not None:
-            self.generation_config.save_pretrained(folder)
-        fmt = "safetensors" if safe_serialization else "pytorch"
-        return save_checkpoint(
+        return core.save_pretrained(
+            save_directory,
             self.canonical_state(),
-            folder,
-            config,
+            self.config,
             self.head,
-            fmt=fmt,
+            architecture=type(self).__name__,
+            generation_config=getattr(self, "generation_config", None),
+            fmt=core.save_format(safe_serialization, fmt, native="pytorch", safe_by_default=True),
             max_shard_size=max_shard_size,
+            dtype=dtype,
         )
