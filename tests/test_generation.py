@@ -184,12 +184,12 @@ def test_tf_decode_step_compiles_once_for_every_cache_index(oracle_and_folder):
 
 def test_sampled_distribution_follows_the_warped_probabilities():
     """Inverse-CDF draws from pre-drawn uniforms sample the warped distribution (a statistical check)."""
-    from opt_core.generation import GenerationConfig
+    from opt_core.generation import GenerationConfig, decode_options
     from opt_torch.generation import sample_from, warp_for_sampling
 
     scores = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]]).repeat(20000, 1)
     config = GenerationConfig(do_sample=True, top_k=3, temperature=0.7)
-    warped = warp_for_sampling(scores, config)
+    warped = warp_for_sampling(scores, decode_options(config, 20000, 1, 40, stream=False))
     picks = sample_from(warped, torch.from_numpy(np.random.default_rng(0).random(20000, dtype=np.float32)))
     frequencies = np.bincount(picks.numpy(), minlength=5) / 20000
     expected = torch.softmax(warped[0], -1).numpy()
