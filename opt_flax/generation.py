@@ -9,9 +9,10 @@ search.
 Compilation: each strategy (`sample_or_greedy`, `contrastive_search`, `beam_search`) is one function that runs the
 prefill and then the whole decode loop as a `lax.while_loop` over a preallocated cache (beam search included);
 `generate` jits it once per model configuration and keeps it (`GenerationMixin._decoding_function`).
-`DecodeOptions` carries the options: fields that shape the trace (strategy switches, top_k, n-gram size, beams,
-the cache length S) are static pytree fields, so jit's cache is keyed by them and by the input shapes; numeric
-values (temperature, penalties, eos ids, min length) are traced, so changing them reuses the compiled loop.
+`opt_core.generation.prepare_generation` sets each call up; its `DecodeOptions` is registered here as a pytree
+whose `TRACED` fields (temperature, penalties, eos ids, min length) are leaves, so changing them reuses the
+compiled loop, and whose other fields (strategy switches, top_k, n-gram size, beams, the cache length S) are
+static, so jit's cache is keyed by them and by the input shapes.
 `TRACES` counts the traces (tests use it). The loop condition stops as soon as every row has finished; the host
 then slices the buffer to the final length, so the result is never the preallocated buffer.
 
@@ -39,82 +40,20 @@ import numpy as np
 from jax import lax
 from jax.experimental import io_callback
 
-from opt_core.generation import (
-    DecodingPlan,
-    GenerationConfig,
-    decoding_strategy,
-    hits_stop_string,
-    plan_decoding,
-    prompt_only,
-)
-from opt_core.inputs import validate_inputs
+from opt_core.generation import DecodeOptions, GenerationConfig, StopStrings, decode_layout_pays, prepare_generation
+from opt_flax.cache import KVCache
 
 TRACES: collections.Counter = collections.Counter()  # loop name -> times traced (a retrace means a recompile)
 
 NEG_INF = -float("inf")
 
 
-@flax.struct.dataclass
-class DecodeOptions:
-    """What the compiled loops read from GenerationConfig and DecodingPlan: traced values, then static fields."""
-
-    eos_ids: jax.Array  # n int32; n = 0 disables stopping at eos
-    pad_token_id: jax.Array  # () int32
-    min_length: jax.Array  # () int32: eos is forbidden while cur_len < min_length
-    temperature: jax.Array  # () float32
-    top_p_threshold: jax.Array  # () float32: 1 - top_p, in float64 first as torch's python scalar is
-    repetition_penalty: jax.Array  # () float32
-    length_divisors: jax.Array  # M+1 float32: t ** length_penalty for t new tokens (beam search)
-    beam_fill: jax.Array  # () int32: what beam buffers start with (HF's precedence of pad and eos)
-    alpha: jax.Array  # () float32: contrastive search's penalty_alpha
-    one_minus_alpha: jax.Array  # () float32
-    call_id: jax.Array  # () int32: this call's entry in `_HOST_CALLS`
-    max_length: int = flax.struct.field(pytree_node=False)  # S
-    do_sample: bool = flax.struct.field(pytree_node=False)
-    top_k: int = flax.struct.field(pytree_node=False)  # the sampling warper's k, or contrastive candidates
-    use_top_p: bool = flax.struct.field(pytree_node=False)
-    use_repetition_penalty: bool = flax.struct.field(pytree_node=False)
-    no_repeat_ngram_size: int = flax.struct.field(pytree_node=False)
-    num_beams: int = flax.struct.field(pytree_node=False)
-    num_return_sequences: int = flax.struct.field(pytree_node=False)
-    stop_when_full: bool = flax.struct.field(pytree_node=False)  # early_stopping is True
-    best_at_max_length: bool = flax.struct.field(pytree_node=False)  # early_stopping "never", length_penalty > 0
-    check_stop_strings: bool = flax.struct.field(pytree_node=False)
-    stream: bool = flax.struct.field(pytree_node=False)
-
-
-def decode_options(config: GenerationConfig, plan: DecodingPlan, strategy: str, call_id: int, stream: bool):
-    """The options of one call; static fields a strategy ignores are left at neutral values, so they do not
-    key a recompile."""
-    sampling = config.do_sample and strategy == "sample"
-    contrastive, beams = strategy == "contrastive", strategy == "beam"
-    alpha = config.penalty_alpha or 0.0
-    divisors = [1.0] + [float(t) ** config.length_penalty for t in range(1, plan.max_new_tokens + 1)]
-    fill = (config.pad_token_id or plan.eos_ids[0]) if plan.eos_ids else -1  # HF's precedence, kept as is
-    return DecodeOptions(
-        eos_ids=np.array(plan.eos_ids, np.int32),
-        pad_token_id=np.int32(plan.pad_token_id),
-        min_length=np.int32(plan.min_length),
-        temperature=np.float32(config.temperature),
-        top_p_threshold=np.float32(1 - config.top_p),
-        repetition_penalty=np.float32(config.repetition_penalty),
-        length_divisors=np.array(divisors, np.float32),
-        beam_fill=np.int32(fill),
-        alpha=np.float32(alpha),
-        one_minus_alpha=np.float32(1.0 - alpha),
-        call_id=np.int32(call_id),
-        max_length=plan.max_length,
-        do_sample=sampling,
-        top_k=config.top_k if sampling or contrastive else 0,
-        use_top_p=sampling and config.top_p < 1.0,
-        use_repetition_penalty=config.repetition_penalty != 1.0,
-        no_repeat_ngram_size=config.no_repeat_ngram_size,
-        num_beams=config.num_beams if beams else 1,
-        num_return_sequences=config.num_return_sequences if beams else 1,
-        stop_when_full=beams and config.early_stopping is True,
-        best_at_max_length=beams and config.early_stopping == "never" and config.length_penalty > 0.0,
-        check_stop_strings=bool(config.stop_strings),
-        stream=stream,
+# The options become a pytree: the TRACED fields are its leaves, the others its static (hashable) structure.
+with contextlib.suppress(ValueError):  # already registered: this module was imported again
+    jax.tree_util.register_dataclass(
+        DecodeOptions,
+        data_fields=list(DecodeOptions.TRACED),
+        meta_fields=[f.name for f in dataclasses.fields(DecodeOptions) if f.name not in DecodeOptions.TRACED],
     )
 
 
@@ -205,8 +144,10 @@ def sample_from(scores, uniforms):
 
 
 def _divide(x, scalar):
-    # XLA rewrites x / scalar as x * (1 / scalar), which differs from torch's division in the last bit; dividing by
-    # an opaque full-shape array keeps IEEE division, so penalties and temperature match torch and HF exactly.
+    # JAX emits a true divide, but XLA's algebraic simplifier rewrites x / broadcast(s) as x * broadcast(1 / s)
+    # (measured on CPU, jax 0.10: 9-33% of fp32 entries then differ from torch's IEEE division by one ulp, for
+    # s = 0.7 .. 3; a barrier on the scalar alone does not stop it). Dividing by an opaque full-shape array keeps
+    # the IEEE division, so penalties and temperature match torch and HF exactly.
     return x / lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(scalar, x.dtype), x.shape))
 
 
@@ -265,8 +206,7 @@ _CALL_IDS = itertools.count()
 @dataclasses.dataclass
 class _HostCall:
     streamer: object
-    tokenizer: object
-    stop_strings: list[str]
+    stop_strings: StopStrings | None
 
 
 def _stream_put(call_id, tokens) -> None:
@@ -274,17 +214,14 @@ def _stream_put(call_id, tokens) -> None:
 
 
 def _stopped_on_host(call_id, sequences, cur_len) -> np.ndarray:
-    call = _HOST_CALLS[int(call_id)]
-    rows = np.asarray(sequences)[:, : int(cur_len)].tolist()
-    return np.array([hits_stop_string(call.tokenizer, row, call.stop_strings) for row in rows], dtype=bool)
+    return _HOST_CALLS[int(call_id)].stop_strings.stopped(np.asarray(sequences)[:, : int(cur_len)])
 
 
 @contextlib.contextmanager
-def _host_call(streamer, tokenizer, stop_strings, prompt):
+def _host_call(streamer, stop_strings: StopStrings | None, prompt):
     """Registers one generate call for the loop's host callbacks (yields its id); streams the prompt and the end."""
     call_id = next(_CALL_IDS) % 2**31
-    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
-    _HOST_CALLS[call_id] = _HostCall(streamer, tokenizer, stops)
+    _HOST_CALLS[call_id] = _HostCall(streamer, stop_strings)
     try:
         if streamer is not None:
             streamer.put(prompt)
@@ -296,10 +233,10 @@ def _host_call(streamer, tokenizer, stop_strings, prompt):
         del _HOST_CALLS[call_id]
 
 
-def _stopped(options: DecodeOptions, sequences, cur_len):
+def _stopped(call_id, sequences, cur_len):
     """R S sequences, their length -> R bool, True where the text ends with a stop string (a host round trip)."""
     result = jax.ShapeDtypeStruct(sequences.shape[:1], jnp.bool_)
-    return io_callback(_stopped_on_host, result, options.call_id, sequences, cur_len, ordered=True)
+    return io_callback(_stopped_on_host, result, call_id, sequences, cur_len, ordered=True)
 
 
 # ----- the loops
@@ -307,8 +244,6 @@ def _stopped(options: DecodeOptions, sequences, cur_len):
 
 def _start(module, params, input_ids, attention_mask, options: DecodeOptions):
     """Buffers for a loop: sequences B S (pad-filled), the mask over S slots, the cache; and the prefill."""
-    from opt_flax.modeling import KVCache  # modeling imports this module for GenerationMixin
-
     batch, prompt = input_ids.shape
     sequences = jnp.full((batch, options.max_length), options.pad_token_id, jnp.int32).at[:, :prompt].set(input_ids)
     mask = jnp.zeros((batch, options.max_length), jnp.int32).at[:, :prompt].set(attention_mask)
@@ -317,16 +252,16 @@ def _start(module, params, input_ids, attention_mask, options: DecodeOptions):
     return sequences, mask, cache, logits, hidden
 
 
-def _record(state, tokens, options: DecodeOptions):
+def _record(state, tokens, options: DecodeOptions, call_id):
     """Writes one token per row at cur_len (pad for finished rows, as HF), streams it, updates who finished."""
     tokens = jnp.where(state.unfinished, tokens, options.pad_token_id).astype(jnp.int32)  # B
     sequences = lax.dynamic_update_slice_in_dim(state.sequences, tokens[:, None], state.cur_len, axis=1)
     if options.stream:
-        io_callback(_stream_put, None, options.call_id, tokens, ordered=True)
+        io_callback(_stream_put, None, call_id, tokens, ordered=True)
     unfinished = state.unfinished & ~(tokens[:, None] == options.eos_ids[None, :]).any(-1)
     cur_len = state.cur_len + 1
     if options.check_stop_strings:
-        unfinished &= ~_stopped(options, sequences, cur_len)
+        unfinished &= ~_stopped(call_id, sequences, cur_len)
     return state.replace(cur_len=cur_len, sequences=sequences, unfinished=unfinished)
 
 
@@ -334,7 +269,7 @@ def _running(state) -> jax.Array:
     return (state.cur_len < state.sequences.shape[1]) & state.unfinished.any()
 
 
-def sample_or_greedy(module, params, input_ids, attention_mask, uniforms, options: DecodeOptions):
+def sample_or_greedy(module, params, input_ids, attention_mask, uniforms, options: DecodeOptions, call_id):
     """Greedy or sampled decoding; returns the B S buffer and its filled length."""
     TRACES["sample_or_greedy"] += 1
     prompt = input_ids.shape[1]
@@ -348,7 +283,7 @@ def sample_or_greedy(module, params, input_ids, attention_mask, uniforms, option
             tokens = sample_from(warp_for_sampling(scores, options), draws)
         else:
             tokens = jnp.argmax(scores, axis=-1)
-        return _record(state, tokens, options)
+        return _record(state, tokens, options, call_id)
 
     def step(state):
         mask = state.mask.at[:, state.cur_len - 1].set(1)
@@ -362,7 +297,7 @@ def sample_or_greedy(module, params, input_ids, attention_mask, uniforms, option
     return state.sequences, state.cur_len
 
 
-def contrastive_search(module, params, input_ids, attention_mask, uniforms, options: DecodeOptions):
+def contrastive_search(module, params, input_ids, attention_mask, uniforms, options: DecodeOptions, call_id):
     """Contrastive search as transformers 4.55 implements it: each step scores the top_k candidates by
     (1 - alpha) * probability - alpha * (max cosine similarity of the candidate's final hidden state to the
     context's), padded prompt positions excluded; the hidden states are taken after the final norm and project_out.
@@ -378,13 +313,13 @@ def contrastive_search(module, params, input_ids, attention_mask, uniforms, opti
         jnp.int32(prompt), sequences, mask[rows], _take_rows(cache, rows), unfinished, logits, context, context_mask
     )
     step = functools.partial(
-        _contrastive_step, module, params, options, jnp.argmax(attention_mask != 0, axis=1).astype(jnp.int32)
+        _contrastive_step, module, params, options, call_id, jnp.argmax(attention_mask != 0, axis=1).astype(jnp.int32)
     )
     state = lax.while_loop(_running, step, state)
     return state.sequences, state.cur_len
 
 
-def _contrastive_step(module, params, options: DecodeOptions, first_real, state: ContrastiveState):
+def _contrastive_step(module, params, options: DecodeOptions, call_id, first_real, state: ContrastiveState):
     batch, top_k, cur_len = state.sequences.shape[0], options.top_k, state.cur_len
     scores = process_logits(state.logits, state.sequences, cur_len, options, first_real)
     top_probs, top_ids = lax.top_k(jax.nn.softmax(scores, axis=-1), top_k)  # B K
@@ -393,7 +328,7 @@ def _contrastive_step(module, params, options: DecodeOptions, first_real, state:
     hidden = hidden.reshape(batch, top_k, -1)  # B K E
     selected = _rank_candidates(state.context, hidden, top_probs, state.context_mask, options)  # B
     rows = jnp.arange(batch)
-    state = _record(state, top_ids[rows, selected], options)
+    state = _record(state, top_ids[rows, selected], options, call_id)
     picked = jnp.repeat(rows * top_k + selected, top_k)  # every candidate row continues the pick
     return state.replace(
         mask=mask,
@@ -424,7 +359,7 @@ def _gather_beams(tensor, indices):
     return jax.vmap(lambda t, i: t[i])(tensor, indices)
 
 
-def beam_search(module, params, input_ids, attention_mask, uniforms, options: DecodeOptions):
+def beam_search(module, params, input_ids, attention_mask, uniforms, options: DecodeOptions, call_id):
     """HF's vectorised beam search (transformers >= 4.50): same candidates, scores, stopping and output length.
     Returns the (B * num_return_sequences) S buffer and the final length."""
     TRACES["beam_search"] += 1
@@ -448,7 +383,7 @@ def beam_search(module, params, input_ids, attention_mask, uniforms, options: De
         mask=mask,
         cache=cache,
     )
-    update = functools.partial(_beam_update, options, jnp.argmax(attention_mask != 0, axis=1), prompt)
+    update = functools.partial(_beam_update, options, call_id, jnp.argmax(attention_mask != 0, axis=1), prompt)
 
     def step(state):
         tokens = lax.dynamic_index_in_dim(state.running, state.cur_len - 1, axis=2, keepdims=False)  # B K
@@ -463,22 +398,21 @@ def beam_search(module, params, input_ids, attention_mask, uniforms, options: De
     return state.finished[:, :returned].reshape(batch * returned, length), prompt + generated
 
 
-def _beam_update(options: DecodeOptions, first_real, prompt, state: BeamState, logits) -> BeamState:
+def _beam_update(options: DecodeOptions, call_id, first_real, prompt, state: BeamState, logits) -> BeamState:
     """One step of HF's beam search, from the running beams' next-token logits (B*K V)."""
     (batch, num_beams, length), cur_len = state.running.shape, state.cur_len
     flat = state.running.reshape(batch * num_beams, length)
     log_probs = process_logits(jax.nn.log_softmax(logits, axis=-1), flat, cur_len, options, first_real)
     vocab = log_probs.shape[-1]
     log_probs = (log_probs.reshape(batch, num_beams, vocab) + state.running_scores[:, :, None]).reshape(batch, -1)
-    beams_to_keep = max(2, 1 + options.eos_ids.shape[0]) * num_beams
-    topk_scores, topk_flat = lax.top_k(log_probs, beams_to_keep)  # B 2K
+    topk_scores, topk_flat = lax.top_k(log_probs, options.beams_to_keep)  # B 2K
     topk_beams, new_tokens = topk_flat // vocab, topk_flat % vocab
     topk_sequences = _gather_beams(state.running, topk_beams).at[:, :, cur_len].set(new_tokens)
     origins = topk_beams + jnp.arange(batch)[:, None] * num_beams  # the flat row each candidate extends
     topk_indices = _gather_beams(state.running_indices, topk_beams).at[:, :, cur_len - prompt].set(origins)
     hits = (new_tokens[..., None] == options.eos_ids).any(-1) | (cur_len + 1 >= length)
     if options.check_stop_strings:
-        hits |= _stopped(options, topk_sequences.reshape(-1, length), cur_len + 1).reshape(hits.shape)
+        hits |= _stopped(call_id, topk_sequences.reshape(-1, length), cur_len + 1).reshape(hits.shape)
     # The running beams: the best continuations that did not just finish.
     masked_scores = topk_scores + hits.astype(jnp.float32) * -1.0e9
     keep = lax.top_k(masked_scores, num_beams)[1]
@@ -532,8 +466,27 @@ LOOPS = {"sample": sample_or_greedy, "contrastive": contrastive_search, "beam": 
 _DECODING_FUNCTIONS: dict[tuple, object] = {}  # (strategy, module class, config, dtypes) -> the jitted loop
 
 
-# Above this many parameter bytes `generate` keeps the stored layout rather than a transposed copy (see _decode_params).
-DECODE_VIEW_MAX_BYTES = 2 * 2**30
+def decode_params(params):
+    """The params with every 2-D dense `kernel` ([in, out]) replaced by `kernel_t` ([out, in]), which
+    `opt_flax.modeling.OPTDense` contracts on its last dimension.
+
+    Costs a transposed copy of those kernels (for opt-125m 85M floats, 340 MB in fp32) while the view is kept
+    (`GenerationMixin._decode_params` keeps it on the model); the originals are unchanged. Embedding tables are
+    already [V, E] and are left alone.
+    """
+
+    def convert(tree):
+        if not isinstance(tree, dict):
+            return tree
+        out = {}
+        for name, value in tree.items():
+            if name == "kernel" and getattr(value, "ndim", 0) == 2:
+                out["kernel_t"] = jnp.swapaxes(value, 0, 1)
+            else:
+                out[name] = convert(value)
+        return out
+
+    return convert(flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params)
 
 
 class GenerationMixin:
@@ -567,48 +520,37 @@ class GenerationMixin:
             params: the params pytree; `self.params` when None.
             **kwargs: GenerationConfig fields, e.g. max_new_tokens=50, do_sample=True, top_p=0.9.
         """
-        base = generation_config or self.generation_config or GenerationConfig.from_model_config(self.config)
-        config = base.updated(**kwargs)
-        input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask)
-        expand = config.num_beams if config.num_beams > 1 else config.num_return_sequences
-        input_ids, attention_mask = np.repeat(input_ids, expand, axis=0), np.repeat(attention_mask, expand, axis=0)
-        plan = plan_decoding(config, input_ids.shape[0], input_ids.shape[1], self.config.max_position_embeddings, seed)
-        if config.stop_strings and tokenizer is None:
-            raise ValueError("stop_strings need the tokenizer: generate(..., tokenizer=tokenizer)")
-        strategy = decoding_strategy(config)
-        if plan.max_new_tokens == 0:
-            return prompt_only(input_ids, config, strategy)
-        run = self._decoding_function(strategy)
+        call = prepare_generation(
+            self.config,
+            self.generation_config,
+            input_ids,
+            attention_mask,
+            generation_config=generation_config,
+            streamer=streamer,
+            seed=seed,
+            tokenizer=tokenizer,
+            **kwargs,
+        )
+        if call.nothing_to_generate:
+            return call.prompt_only()
+        run = self._decoding_function(call.options.strategy)
         params = self._decode_params(self.params if params is None else params)
-        streamer = None if strategy == "beam" else streamer  # beam search does not stream, as in opt_torch
-        with _host_call(streamer, tokenizer, config.stop_strings, input_ids) as call_id:
-            options = decode_options(config, plan, strategy, call_id, stream=streamer is not None)
-            sequences, length = jax.device_get(run(params, input_ids, attention_mask, plan.uniforms, options))
+        input_ids, attention_mask = call.input_ids.astype(np.int32), call.attention_mask.astype(np.int32)
+        with _host_call(call.streamer, call.stop_strings, input_ids) as call_id:
+            result = run(params, input_ids, attention_mask, call.uniforms, call.options, np.int32(call_id))
+            sequences, length = jax.device_get(result)
         return np.asarray(sequences[:, : int(length)], dtype=np.int64)
 
-    def _prepare_prompt(self, input_ids, attention_mask):
-        if input_ids is None:
-            input_ids = np.full((1, 1), self.config.bos_token_id, dtype=np.int64)
-        input_ids = np.asarray(input_ids)
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-        validate_inputs(self.config, input_ids, attention_mask, None, 0, input_ids.shape)
-        return input_ids.astype(np.int32), attention_mask.astype(np.int32)
-
     def _decode_params(self, params):
-        """The params with dense kernels stored [out, in] (`opt_flax.modeling.decode_params`): XLA CPU's
-        matrix-vector products read that layout faster (measured on this project's 2-core CPU, opt-125m greedy
-        decode at batch 1: 29.5 ms per token with the stored kernels, 27.7 ms with these).
+        """The params with dense kernels stored [out, in] (`decode_params`) where that layout pays
+        (`opt_core.generation.decode_layout_pays`: on CPUs, up to DECODE_LAYOUT_MAX_BYTES of parameters).
 
         Built once and kept on the model while the same arrays are passed (JAX arrays are immutable, so their
         identity is the key), so the model holds a transposed copy of its dense kernels (340 MB for opt-125m in
         fp32) after its first `generate`; passing other params rebuilds it and frees the previous copy."""
-        from opt_flax.modeling import decode_params  # modeling imports this module for GenerationMixin
-
         leaves = tuple(jax.tree.leaves(params))
-        if jax.default_backend() != "cpu" or sum(leaf.nbytes for leaf in leaves) > DECODE_VIEW_MAX_BYTES:
-            return params  # the view pays on CPUs, and doubling a large model's kernels costs more than it saves
+        if not decode_layout_pays(sum(leaf.nbytes for leaf in leaves), on_cpu=jax.default_backend() == "cpu"):
+            return params
         cached = getattr(self, "_decode_params_cache", None)
         if cached is None or len(cached[0]) != len(leaves) or any(a is not b for a, b in zip(cached[0], leaves)):
             cached = self._decode_params_cache = (leaves, decode_params(params))  # the leaves keep their ids valid

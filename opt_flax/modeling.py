@@ -12,10 +12,11 @@ Linen module (`FlaxOPTForCausalLMModule`, ...) as HF's `FlaxPreTrainedModel` doe
 Shapes: B batch, T query length, S key/cache length, N heads, H head dim, D hidden, E word-embedding dim,
 F ffn dim, V vocab, L layers, C labels.
 
-Caches: `KVCache` preallocates per layer (k, v), each B S N H, plus the write index, so a compiled decode step
-sees static shapes. As in HF Flax: `past_key_values = model.init_cache(B, S)`, then every call passes
-`attention_mask` of shape B S (the padding mask over the whole cache; slots after the current tokens are ignored)
-and gets the updated cache back in `out.past_key_values`; `position_ids` default to OPT's rule over that mask.
+Caches: `KVCache` (`opt_flax.cache`) preallocates per layer (k, v), each B S N H, plus the write index, so a
+compiled decode step sees static shapes. As in HF Flax: `past_key_values = model.init_cache(B, S)`, then every
+call passes `attention_mask` of shape B S (the padding mask over the whole cache; slots after the current tokens
+are ignored) and gets the updated cache back in `out.past_key_values`; `position_ids` default to OPT's rule over
+that mask.
 
 Bad input: concrete inputs are checked (`opt_core.inputs.validate_inputs`) before any compute, because JAX clamps
 or fills out-of-range indices silently. Inside a caller's own `jax.jit` the values are tracers: shapes are still
@@ -29,7 +30,6 @@ import contextlib
 import dataclasses
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ from jax import lax
 
 from opt_core.config import OPTConfig
 from opt_core.errors import InputError
+from opt_core.heads import pools_last_position
 from opt_core.inputs import validate_inputs
 from opt_core.outputs import (
     BaseModelOutputWithPast,
@@ -45,6 +46,7 @@ from opt_core.outputs import (
     QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
 )
+from opt_flax.cache import KVCache  # noqa: F401  (re-exported: `opt_flax.modeling.KVCache` was its home)
 from opt_flax.generation import GenerationMixin
 from opt_flax.pretrained import FlaxPreTrainedOPT
 
@@ -70,24 +72,6 @@ ACTIVATIONS = {
 }
 
 
-@flax.struct.dataclass
-class KVCache:
-    """The static cache: per layer (k, v), each B S N H with S the cache length, and the write index."""
-
-    key_values: tuple  # L of (k, v), each B S N H
-    index: jax.Array  # () int32: positions written so far
-
-    @classmethod
-    def create(cls, config: OPTConfig, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
-        shape = (batch_size, max_length, config.num_attention_heads, config.head_dim)  # B S N H
-        layers = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers))
-        return cls(layers, jnp.zeros((), jnp.int32))
-
-    @property
-    def max_length(self) -> int:
-        return self.key_values[0][0].shape[1]
-
-
 def make_position_ids(attention_mask: jax.Array, query_slots: jax.Array) -> jax.Array:
     # OPT quirk: positions count real tokens only, `cumsum(mask) * mask - 1` over the full (past + current) mask,
     # so left padding does not shift them; padded slots get -1. B S -> B T
@@ -108,7 +92,8 @@ class OPTDense(nn.Dense):
     If the params hold `kernel_t` ([out, in], torch's layout) instead of `kernel`, the product contracts the last
     dimension of both operands. Measured on the 2-core AVX-512 CPU this project benchmarks on: XLA CPU's
     matrix-vector products read an [out, in] matrix faster (a jitted chain of one opt-125m step's GEMVs: 20.2 ms
-    instead of 23.4 ms), so `generate` decodes with that view (`decode_params`, built once per params).
+    instead of 23.4 ms), so `generate` decodes with that view (`opt_flax.generation.decode_params`, built once
+    per params).
     """
 
     @nn.compact
@@ -122,28 +107,6 @@ class OPTDense(nn.Dense):
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
-
-
-def decode_params(params):
-    """The params with every 2-D dense `kernel` ([in, out]) replaced by `kernel_t` ([out, in]) for `OPTDense`.
-
-    Costs a transposed copy of those kernels (for opt-125m 85M floats, 340 MB in fp32) while the view is kept
-    (`GenerationMixin._decode_params` keeps it on the model); the originals are unchanged. Embedding tables are
-    already [V, E] and are left alone.
-    """
-
-    def convert(tree):
-        if not isinstance(tree, dict):
-            return tree
-        out = {}
-        for name, value in tree.items():
-            if name == "kernel" and getattr(value, "ndim", 0) == 2:
-                out["kernel_t"] = jnp.swapaxes(value, 0, 1)
-            else:
-                out[name] = convert(value)
-        return out
-
-    return convert(flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params)
 
 
 class _OPTLinen(nn.Module):
@@ -207,9 +170,7 @@ class OPTAttention(_OPTLinen):
         k = self._split_heads(self.k_proj(hidden_states))  # B T N H
         v = self._split_heads(self.v_proj(hidden_states))  # B T N H
         if past_key_value is not None:  # static cache: write at the cache index; attention spans all S slots
-            k_cache, v_cache, index = past_key_value
-            k = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))  # B S N H
-            v = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))  # B S N H
+            k, v = past_key_value.update(k, v)  # B S N H
         scores = jnp.einsum("btnh,bsnh->bnts", q, k)  # B N T S
         # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
@@ -330,7 +291,7 @@ class OPTDecoder(_OPTLinen):
         all_hidden, all_attn, presents = [], [], []
         for i, layer in enumerate(self.layers):
             all_hidden.append(hidden_states)
-            past = (*past_key_values.key_values[i], past_length) if past_key_values is not None else None
+            past = past_key_values.layer(i) if past_key_values is not None else None
             hidden_states, present, probs = layer(hidden_states, mask, past, output_attentions, deterministic)
             presents.append(present)
             all_attn.append(probs)
@@ -342,7 +303,7 @@ class OPTDecoder(_OPTLinen):
         # As HF: L + 1 entries, each layer's input, then the final (normed, projected) state.
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=KVCache(tuple(presents), past_length + length) if past_key_values is not None else None,
+            past_key_values=past_key_values.advanced(presents, length) if past_key_values is not None else None,
             hidden_states=(*all_hidden, hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
         )
@@ -351,15 +312,11 @@ class OPTDecoder(_OPTLinen):
 def _validate(config, input_ids, attention_mask, position_ids, past_key_values, batch_and_length):
     _, length = batch_and_length
     _check_shapes(attention_mask, position_ids, past_key_values, batch_and_length)
-    index = past_key_values.index if past_key_values is not None else None
-    if any(isinstance(x, jax.core.Tracer) for x in (input_ids, attention_mask, position_ids, index)):
+    if any(isinstance(x, jax.core.Tracer) for x in (input_ids, attention_mask, position_ids)):
         return  # inside a jit the values are symbolic; shapes were checked above
-    past_length = 0 if index is None else int(index)
-    if index is not None and past_length + length > past_key_values.max_length:
-        raise InputError(
-            f"the cache holds {past_key_values.max_length} positions, {past_length} are used: it has no room for "
-            f"{length} more tokens; make it longer with init_cache(batch_size, max_length)"
-        )
+    past_length = past_key_values.past_length if past_key_values is not None else 0
+    if past_length is None:
+        return  # a traced cache index: the values cannot be placed
 
     def host(x):
         return None if x is None else np.asarray(x)
@@ -369,18 +326,16 @@ def _validate(config, input_ids, attention_mask, position_ids, past_key_values, 
 
 
 def _check_shapes(attention_mask, position_ids, past_key_values, batch_and_length):
-    """Shapes are static even inside a jit, so they are checked always."""
+    """Shapes are static even inside a jit, so they are checked always (and a concrete cache's room)."""
     batch, length = batch_and_length
-    if past_key_values is None:
-        want, what = (batch, length), f"{length} tokens in a batch of {batch}"
-    else:
-        cache_batch, key_length = past_key_values.key_values[0][0].shape[:2]
-        if cache_batch != batch:
-            raise InputError(f"the cache was made for a batch of {cache_batch}, the inputs have a batch of {batch}")
-        # HF Flax's contract: with a cache, the mask covers every cache slot (those after the new tokens are ignored).
-        want, what = (batch, key_length), f"a batch of {batch} with a cache of {key_length} positions"
-    if attention_mask is not None and tuple(attention_mask.shape) != want:
-        raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, but {what} need shape {want}")
+    mask_shape = None if attention_mask is None else tuple(attention_mask.shape)
+    if past_key_values is not None:
+        past_key_values.check(batch_and_length, mask_shape)  # HF Flax's contract: the mask covers every cache slot
+    elif mask_shape is not None and mask_shape != (batch, length):
+        raise InputError(
+            f"attention_mask has shape {mask_shape}, but {length} tokens in a batch of {batch} need shape "
+            f"{(batch, length)}"
+        )
     if position_ids is not None and tuple(position_ids.shape) != (batch, length):
         raise InputError(
             f"position_ids has shape {tuple(position_ids.shape)}, expected {(batch, length)} like input_ids"
@@ -462,13 +417,9 @@ class FlaxOPTForCausalLMModule(_OPTLinen):
 
 
 def last_non_pad_index(input_ids, pad_token_id, batch_size):
-    """HF's rule: the rightmost token that is not pad_token_id (so left and right padding both work)."""
-    if pad_token_id is None:
-        if batch_size != 1:
-            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+    """The position each row is pooled at (B, or -1 for the last); HF's rule is `opt_core.heads.pools_last_position`."""
+    if pools_last_position(pad_token_id, batch_size, input_ids is not None):
         return -1
-    if input_ids is None:
-        return -1  # with inputs_embeds the padding cannot be seen: take the last position, as HF does
     non_pad = (input_ids != pad_token_id).astype(jnp.int32)
     positions = jnp.arange(input_ids.shape[-1], dtype=jnp.int32)
     return (positions * non_pad).argmax(-1)

@@ -1,18 +1,19 @@
 """The public Flax model wrapper, `from_pretrained` / `save_pretrained`: the glue between `opt_core` and Linen.
 
-Siblings: `opt_torch/pretrained.py`, `opt_tf/pretrained.py`. The Flax leaf rule of `opt_core.weights` (dense
-`kernel` transposed to [in, out], `embedding`, LayerNorm `scale` / `bias`, layers as `layers/0`) maps every
-canonical name to its place in the params pytree, which is HF's Flax layout: `{"model": {"decoder": ...},
-"lm_head": {"kernel"}}` (lm_head only when untied); a bare `FlaxOPTModel` holds `{"decoder": ...}`.
+Siblings: `opt_torch/pretrained.py`, `opt_tf/pretrained.py`. What needs no framework (resolving the folder or hub
+id, config.json and its overrides, reading and checking any checkpoint format, fresh task heads, the dtype rules,
+writing config.json, generation_config.json and the weights) is `opt_core.pretrained`; this module only turns
+canonical numpy arrays into the params pytree and back. The Flax leaf rule of `opt_core.weights` (dense `kernel`
+transposed to [in, out], `embedding`, LayerNorm `scale` / `bias`, layers as `layers/0`) maps every canonical name
+to its place in the pytree (`opt_flax.sharding.flax_key`), which is HF's Flax layout: `{"model": {"decoder":
+...}, "lm_head": {"kernel"}}` (lm_head only when untied); a bare `FlaxOPTModel` holds `{"decoder": ...}`.
 
 `FlaxPreTrainedOPT` plays HF's `FlaxPreTrainedModel`: it holds the config, the Linen module and `params`, and its
 `__call__(input_ids, attention_mask, position_ids, params, past_key_values, ...)` is a pure function of its
 arrays and `params`, so `jax.jit(model.__call__)` compiles once per input shape.
 
-Loading reads a checkpoint of any format through `opt_core.checkpoint.load_checkpoint` (safetensors memory-mapped,
-`.bin` without torch, `tf_model.h5`, `flax_model.msgpack`, sharded or not) and turns one tensor at a time into
-a device array of `param_dtype`, so the model is never held twice; with a `mesh`, each array goes straight to
-its shards (`opt_flax.sharding`).
+Loading turns one tensor at a time (safetensors memory-mapped) into a device array of `param_dtype`, so the model
+is never held twice; with a `mesh`, each array goes straight to its shards (`opt_flax.sharding`).
 """
 
 from __future__ import annotations
@@ -26,51 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opt_core.checkpoint import load_checkpoint, save_checkpoint
 from opt_core.config import OPTConfig
+from opt_core.dtypes import resolve_dtype
 from opt_core.errors import CheckpointError
 from opt_core.flax_msgpack import flatten, unflatten
-from opt_core.generation import load_generation_config
-from opt_core.hub import resolve_model
-from opt_core.weights import (
-    DENSE_WEIGHT,
-    EMBEDDING,
-    NORM_SCALE,
-    ParamSpec,
-    parameter_specs,
-    style_name,
-    to_style_layout,
-)
-
-_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def resolve_dtype(dtype: Any, stored: np.dtype | None = None) -> np.dtype:
-    """float32 by default whatever the checkpoint stores; "auto" keeps the stored dtype."""
-    if dtype is None or (isinstance(dtype, str) and dtype == "auto" and stored is None):
-        return jnp.dtype("float32")
-    if isinstance(dtype, str) and dtype == "auto":
-        dtype = stored if str(stored) in _DTYPES else "float32"
-    try:
-        name = jnp.dtype(dtype).name
-    except TypeError:
-        name = str(dtype)
-    if name not in _DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use 'auto', float32, float16 or bfloat16")
-    return jnp.dtype(name)
-
-
-def flax_key(spec: ParamSpec, head: str) -> str:
-    """The `/`-joined path of a canonical parameter in the params pytree (a bare model has no `model/`)."""
-    name = style_name(spec.name, spec.kind, "flax")
-    return name.removeprefix("model/") if head == "base" else name
-
-
-def fresh_parameter(spec: ParamSpec, config: OPTConfig, rng: np.random.Generator) -> np.ndarray:
-    """HF's init of one canonical parameter: normal(init_std) weights and embeddings, zero biases, unit norms."""
-    if spec.kind in (DENSE_WEIGHT, EMBEDDING):
-        return rng.normal(0.0, config.init_std, spec.shape).astype(np.float32)
-    return np.ones(spec.shape, np.float32) if spec.kind == NORM_SCALE else np.zeros(spec.shape, np.float32)
+from opt_core.formats import DEFAULT_MAX_SHARD_SIZE
+from opt_core.pretrained import load_pretrained, save_format
+from opt_core.pretrained import save_pretrained as save_folder
+from opt_core.weights import fresh_parameter, parameter_specs, to_style_layout
+from opt_flax.cache import KVCache
+from opt_flax.sharding import flat_shardings, flax_key
 
 
 def params_from_canonical(
@@ -79,26 +45,23 @@ def params_from_canonical(
     head: str,
     dtype: Any = jnp.float32,
     shardings: Mapping[str, jax.sharding.Sharding] | None = None,
-    seed: int = 0,
-    fresh: str = "heads",
+    rng: np.random.Generator | None = None,
 ) -> dict:
     """Canonical torch-layout arrays -> the params pytree, in `dtype`, one tensor at a time.
 
     Args:
-        tensors: {canonical name: array}, e.g. `load_checkpoint(...).tensors`.
+        tensors: {canonical name: array}, e.g. `opt_core.pretrained.load_pretrained(...).tensors`.
         config, head: the model the params are for.
         dtype: the params' dtype.
         shardings: {flax key: sharding} to place each array on; default the default device.
-        seed: the seed of freshly initialised parameters.
-        fresh: which parameters absent from `tensors` are initialised freshly (`fresh_parameter`), as HF does:
-            "heads" (task heads only; any other is an error) or "all" (a new model).
+        rng: draws every parameter absent from `tensors` as HF initialises it (`opt_core.weights.fresh_parameter`);
+            None: a parameter absent from `tensors` is an error.
     """
-    rng = np.random.default_rng(seed)
     flat = {}
     for spec in parameter_specs(config, head):
         if spec.name in tensors:
             array = tensors[spec.name]
-        elif spec.is_head or fresh == "all":
+        elif rng is not None:
             array = fresh_parameter(spec, config, rng)
         else:
             raise CheckpointError(f"parameter {spec.name!r} is missing")
@@ -155,24 +118,23 @@ class FlaxPreTrainedOPT:
         _do_init: bool = True,
     ):
         self.config = config
-        self.dtype = resolve_dtype(dtype)
-        self.param_dtype = resolve_dtype(param_dtype)
+        self.dtype = jnp.dtype(resolve_dtype(dtype))
+        self.param_dtype = jnp.dtype(resolve_dtype(param_dtype))
         self.module = self.module_class(config, self.dtype, self.param_dtype)
         self.params = self.init_weights(seed) if _do_init else None
 
     def init_weights(self, seed: int = 0) -> dict:
         """Fresh params as HF initialises them: normal(init_std) kernels and embeddings, zero biases, unit norms.
 
-        Drawn on the host from the parameter table, one tensor at a time: no XLA compile, and the same code that
-        initialises a task head a checkpoint lacks. `self.module.init(rng, input_ids)` draws the same
-        distributions with JAX's RNG, for Linen users.
+        Drawn on the host from the parameter table, one tensor at a time (`opt_core.weights.fresh_parameter`, which
+        also initialises a task head a checkpoint lacks): no XLA compile. `self.module.init(rng, input_ids)` draws
+        the same distributions with JAX's RNG, for Linen users.
         """
-        return params_from_canonical({}, self.config, self.head, self.param_dtype, seed=seed, fresh="all")
+        rng = np.random.default_rng(seed)
+        return params_from_canonical({}, self.config, self.head, self.param_dtype, rng=rng)
 
     def init_cache(self, batch_size: int, max_length: int):
         """A zeroed `KVCache` for `batch_size` rows of up to `max_length` positions (prompt + new tokens)."""
-        from opt_flax.modeling import KVCache
-
         return KVCache.create(self.config, batch_size, max_length, self.dtype)
 
     def __call__(
@@ -253,29 +215,24 @@ class FlaxPreTrainedOPT:
             fmt: read this checkpoint format ("safetensors", "pytorch", "tf", "flax") when the folder has several.
             **config_overrides: config fields to override, as HF (e.g. `num_labels=3`).
         """
-        folder = resolve_model(
+        loaded = load_pretrained(
             name_or_path,
-            formats=(fmt,) if fmt else None,
+            cls.head,
+            config=config,
+            fmt=fmt,
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
+            seed=seed,
+            config_overrides=config_overrides,
         )
-        if config is None:
-            config = OPTConfig.from_pretrained(folder, **config_overrides)
-        elif config_overrides:
-            config = config.replace(**config_overrides)
-        match = load_checkpoint(folder, config, cls.head, fmt=fmt)
-        stored = match.tensors["model.decoder.embed_tokens.weight"].dtype
+        config, stored = loaded.config, loaded.stored_dtype
         model = cls(config, resolve_dtype(dtype, stored), resolve_dtype(param_dtype, stored), _do_init=False)
-        shardings = None
-        if mesh is not None:
-            from opt_flax.sharding import flat_shardings
-
-            shardings = flat_shardings(config, cls.head, mesh)
-        model.params = params_from_canonical(match.tensors, config, cls.head, model.param_dtype, shardings, seed)
+        shardings = flat_shardings(config, cls.head, mesh) if mesh is not None else None
+        model.params = params_from_canonical(loaded.tensors, config, cls.head, model.param_dtype, shardings)
         if hasattr(model, "generate"):
-            model.generation_config = load_generation_config(folder, config)
+            model.generation_config = loaded.generation_config
         return model
 
     # ----- saving
@@ -285,25 +242,34 @@ class FlaxPreTrainedOPT:
         save_directory: str | os.PathLike,
         params: Mapping | None = None,
         *,
-        fmt: str = "flax",
-        max_shard_size: int | str = "5GB",
+        safe_serialization: bool | None = None,
+        fmt: str | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        dtype: Any = None,
     ) -> list[Path]:
-        """Writes config.json and the weights as HF does; every format loads in the other implementations.
+        """Writes config.json, generation_config.json and the weights as HF does; every format loads in the other
+        implementations and in HF transformers. Returns the weight files.
 
         Args:
-            save_directory: the folder; created if needed.
+            save_directory: the folder; created if needed. An earlier save's weights in it are replaced.
             params: the params to save; `self.params` when None.
-            fmt: "flax" (flax_model.msgpack, HF's Flax layout), "safetensors", "pytorch" (.bin) or "tf" (.h5).
+            safe_serialization: True writes model.safetensors; False or None flax_model.msgpack (HF Flax's default).
+            fmt: any format by name, "flax", "safetensors", "pytorch" (.bin) or "tf" (.h5); wins when given.
             max_shard_size: shard above this size ("5GB" = 5 * 10**9 bytes, "5GiB" = 5 * 2**30).
+            dtype: cast the weights on the way out, one tensor at a time (default: the params' dtype).
         """
         canonical = params_to_canonical(self.params if params is None else params, self.config, self.head)
-        stored = canonical["model.decoder.embed_tokens.weight"].dtype
-        config = self.config.replace(dtype=str(stored))
-        config.extra["architectures"] = [type(self).__name__.removeprefix("Flax")]  # HF names the torch class
-        config.save_pretrained(save_directory)
-        if getattr(self, "generation_config", None) is not None:
-            self.generation_config.save_pretrained(save_directory)
-        return save_checkpoint(canonical, save_directory, config, self.head, fmt=fmt, max_shard_size=max_shard_size)
+        return save_folder(
+            save_directory,
+            canonical,
+            self.config,
+            self.head,
+            architecture=type(self).__name__.removeprefix("Flax"),  # HF names the torch class
+            generation_config=getattr(self, "generation_config", None),
+            fmt=save_format(safe_serialization, fmt, native="flax", safe_by_default=False),
+            max_shard_size=max_shard_size,
+            dtype=dtype,
+        )
 
 
 def _as_array(x: Any) -> Any:

@@ -1,6 +1,8 @@
 """Partition rules over the parameter table: tensor parallel over heads, FFN and vocabulary; data parallel over batch.
 
-Siblings: PyTorch DTensor / FSDP2 and `tf.distribute` plans in the other packages (DESIGN.md section 8).
+Siblings: none yet. `opt_torch` and `opt_tf` have no sharding module; DESIGN.md section 8 plans PyTorch DTensor /
+FSDP2 and `tf.distribute` plans derived from the same `TENSOR_PARALLEL` rule. This module also names the params
+pytree's paths (`flax_key`), which `opt_flax.pretrained` uses to load into and save from it.
 
 A mesh has two axes, `"data"` (the batch is split over it) and `"model"` (weights are split over it, Megatron
 style). The rule is stated once, per module, on the canonical torch-layout weight `[out, in]` of
@@ -45,8 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opt_core.config import OPTConfig
 from opt_core.flax_msgpack import unflatten
-from opt_core.weights import DENSE_BIAS, DENSE_WEIGHT, LEAF_RULES, ParamSpec, parameter_specs
-from opt_flax.pretrained import flax_key
+from opt_core.weights import DENSE_BIAS, DENSE_WEIGHT, LEAF_RULES, ParamSpec, module_path, parameter_specs, style_name
 
 DATA, MODEL = "data", "model"
 
@@ -62,6 +63,11 @@ TENSOR_PARALLEL = {
     "lm_head": 0,
 }
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")  # split whole heads only
+
+
+def flax_key(spec: ParamSpec, head: str) -> str:
+    """The `/`-joined path of a canonical parameter in the params pytree (a bare model has no `model/`)."""
+    return module_path(style_name(spec.name, spec.kind, "flax"), head, sep="/")
 
 
 def make_mesh(model: int = 1, devices: Any = None) -> Mesh:

@@ -27,6 +27,7 @@ import optax
 
 from opt_core.config import OPTConfig
 from opt_core.errors import ConfigError
+from opt_core.files import atomic_write_bytes
 from opt_core.generation import GenerationConfig
 from opt_core.tokenizer import OPTTokenizer, train_bpe_tokenizer
 from opt_flax.modeling import FlaxOPTForCausalLM
@@ -199,17 +200,15 @@ def evaluate(eval_step, params, held_out: np.ndarray, batch_size: int) -> float:
 
 
 def save_state(cfg: TrainConfig, model, params, opt_state, step: int) -> None:
-    """The model in HF's layout, plus the optimizer state and step to resume from."""
+    """The model in HF's layout, plus the optimizer state and step to resume from; every file is replaced
+    atomically (a crash mid-save leaves the previous checkpoint's files, never a truncated one)."""
     save_model(cfg, model, params)
     state = {"step": step, "opt_state": opt_state}
-    tmp = cfg.output / (CHECKPOINT_NAME + ".tmp")
-    tmp.write_bytes(flax.serialization.to_bytes(state))
-    tmp.replace(cfg.output / CHECKPOINT_NAME)
+    atomic_write_bytes(cfg.output / CHECKPOINT_NAME, flax.serialization.to_bytes(state))
 
 
 def save_model(cfg: TrainConfig, model, params) -> None:
-    dtype = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}[cfg.save_dtype]
-    model.save_pretrained(cfg.output, jax.tree.map(lambda p: p.astype(dtype), params), fmt="safetensors")
+    model.save_pretrained(cfg.output, params, safe_serialization=True, dtype=cfg.save_dtype)
     GenerationConfig.from_model_config(model.config).save_pretrained(cfg.output)
 
 

@@ -1,0 +1,77 @@
+"""The static KV cache of the Flax models: preallocated per-layer keys and values plus the write index.
+
+Siblings: `opt_torch/cache.py` and `opt_tf/cache.py` hold the same cache in their frameworks; the checks against
+the inputs (`opt_core.inputs.check_static_cache`) are shared.
+
+`KVCache` is a pytree (a `flax.struct.dataclass`), so it goes in and out of `jax.jit` and `lax.while_loop`. It is
+immutable, as everything in JAX: a forward writes each layer's new keys and values with `LayerCache.update` and
+returns the next cache (`KVCache.advanced`), so compiled decode steps see static shapes.
+
+Shapes: B batch, T new tokens, S cache length, N heads, H head dim, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from opt_core.config import OPTConfig
+from opt_core.inputs import check_static_cache
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """One layer's slots and the index the new tokens are written at (what its attention receives)."""
+
+    k: jax.Array  # B S N H
+    v: jax.Array  # B S N H
+    index: jax.Array  # () int32
+
+    def update(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Writes the new tokens' k, v (B T N H) at the index; returns the layer's whole k, v (B S N H)."""
+        k = lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, self.index, 0, 0))
+        v = lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, self.index, 0, 0))
+        return k, v
+
+
+@flax.struct.dataclass
+class KVCache:
+    """The static cache: per layer (k, v), each B S N H with S the cache length, and the write index."""
+
+    key_values: tuple  # L of (k, v), each B S N H
+    index: jax.Array  # () int32: positions written so far
+
+    @classmethod
+    def create(cls, config: OPTConfig, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
+        shape = (batch_size, max_length, config.num_attention_heads, config.head_dim)  # B S N H
+        layers = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers))
+        return cls(layers, jnp.zeros((), jnp.int32))
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_values[0][0].shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.key_values[0][0].shape[1]
+
+    @property
+    def past_length(self) -> int | None:
+        """Positions written so far, or None inside a jit (where the index is symbolic)."""
+        return None if isinstance(self.index, jax.core.Tracer) else int(self.index)
+
+    def check(self, batch_and_length: tuple[int, int], mask_shape) -> None:
+        """Raises InputError unless T new tokens of a batch of B (and a B S mask) fit; shapes are checked even
+        inside a jit, the room only where the index is concrete."""
+        check_static_cache(self.batch_size, self.max_length, self.past_length, batch_and_length, mask_shape)
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(*self.key_values[i], self.index)
+
+    def advanced(self, key_values, length: int) -> KVCache:
+        """The cache after a forward of `length` tokens wrote `key_values` (L of the layers' updated k, v)."""
+        return KVCache(tuple(key_values), self.index + length)
