@@ -5,7 +5,8 @@ the inputs (`opt_core.inputs.check_static_cache`) are shared.
 
 `KVCache` is a pytree (a `flax.struct.dataclass`), so it goes in and out of `jax.jit` and `lax.while_loop`. It is
 immutable, as everything in JAX: a forward writes each layer's new keys and values with `LayerCache.update` and
-returns the next cache (`KVCache.advanced`), so compiled decode steps see static shapes.
+returns the next cache (`KVCache.advanced`), so compiled decode steps see static shapes; beam and contrastive
+search continue other rows with `KVCache.reorder`.
 
 Shapes: B batch, T new tokens, S cache length, N heads, H head dim, L layers.
 """
@@ -75,3 +76,7 @@ class KVCache:
     def advanced(self, key_values, length: int) -> KVCache:
         """The cache after a forward of `length` tokens wrote `key_values` (L of the layers' updated k, v)."""
         return KVCache(tuple(key_values), self.index + length)
+
+    def reorder(self, rows: jax.Array) -> KVCache:
+        """The cache with its rows (axis 0 of every k and v) gathered: beams and candidates continue other rows."""
+        return self.replace(key_values=jax.tree.map(lambda x: x[rows], self.key_values))

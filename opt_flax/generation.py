@@ -310,7 +310,7 @@ def contrastive_search(module, params, input_ids, attention_mask, uniforms, opti
     context_mask = jnp.zeros((batch, length), jnp.int32).at[:, :prompt].set(attention_mask)
     unfinished = jnp.ones(batch, bool)
     state = ContrastiveState(
-        jnp.int32(prompt), sequences, mask[rows], _take_rows(cache, rows), unfinished, logits, context, context_mask
+        jnp.int32(prompt), sequences, mask[rows], cache.reorder(rows), unfinished, logits, context, context_mask
     )
     step = functools.partial(
         _contrastive_step, module, params, options, call_id, jnp.argmax(attention_mask != 0, axis=1).astype(jnp.int32)
@@ -332,7 +332,7 @@ def _contrastive_step(module, params, options: DecodeOptions, call_id, first_rea
     picked = jnp.repeat(rows * top_k + selected, top_k)  # every candidate row continues the pick
     return state.replace(
         mask=mask,
-        cache=_take_rows(cache, picked),
+        cache=cache.reorder(picked),
         logits=all_logits.reshape(batch, top_k, -1)[rows, selected],
         context=state.context.at[:, cur_len].set(hidden[rows, selected]),
         context_mask=state.context_mask.at[:, cur_len].set(1),
@@ -348,10 +348,6 @@ def _rank_candidates(context, candidates, probs, context_mask, options: DecodeOp
     cosine = jnp.where(context_mask[:, None, :] > 0, cosine, jnp.finfo(cosine.dtype).min)
     penalty = cosine.max(axis=-1)  # B K
     return jnp.argmax(options.one_minus_alpha * probs - options.alpha * penalty, axis=-1)
-
-
-def _take_rows(cache, rows):
-    return cache.replace(key_values=jax.tree.map(lambda x: x[rows], cache.key_values))
 
 
 def _gather_beams(tensor, indices):
@@ -431,7 +427,7 @@ def _beam_update(options: DecodeOptions, call_id, first_real, prompt, state: Bea
         cur_len=cur_len,
         improvable=improvable,
         keep_going=improvable.any() & ~done_all & ~hits.all(),
-        cache=_take_rows(state.cache, row_of.reshape(-1)),
+        cache=state.cache.reorder(row_of.reshape(-1)),
     )
 
 
