@@ -100,6 +100,6 @@ def check_static_cache(
     want = (batch, cache_length)
     if mask_shape is not None and tuple(mask_shape) != want:
         raise InputError(
-            f"attention_mask has shape {tuple(mask_shape)}, but a batch of {batch} with a cache of {cache_length} "
-            f"positions needs shape {want}"
+            f"attention_mask has shape {tuple(mask_shape)}, but a batch of {batch} and a cache of {cache_length} "
+            f"positions need shape {want}"
         )
