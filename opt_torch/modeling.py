@@ -308,6 +308,7 @@ class OPTModel(PreTrainedOPT):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        cache_position=None,
     ):
         out = self.decoder(
             input_ids,
@@ -318,6 +319,7 @@ class OPTModel(PreTrainedOPT):
             self.config.use_cache if use_cache is None else use_cache,
             bool(output_attentions),
             bool(output_hidden_states),
+            cache_position,
         )
         return out if return_dict is not False else out.to_tuple()
 
@@ -351,6 +353,7 @@ class OPTForCausalLM(PreTrainedOPT, GenerationMixin):
         output_hidden_states=None,
         return_dict=None,
         logits_to_keep: int = 0,
+        cache_position=None,
     ):
         out = self.model(
             input_ids,
@@ -361,6 +364,7 @@ class OPTForCausalLM(PreTrainedOPT, GenerationMixin):
             use_cache,
             output_attentions,
             output_hidden_states,
+            cache_position=cache_position,
         )
         hidden_states = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
         logits = self.lm_head(hidden_states)  # B T E -> B T V
@@ -413,6 +417,7 @@ class OPTForSequenceClassification(PreTrainedOPT):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        cache_position=None,
     ):
         out = self.model(
             input_ids,
@@ -423,6 +428,7 @@ class OPTForSequenceClassification(PreTrainedOPT):
             use_cache,
             output_attentions,
             output_hidden_states,
+            cache_position=cache_position,
         )
         logits = self.score(out.last_hidden_state)  # B T E -> B T C
         batch = logits.shape[0]
@@ -471,6 +477,7 @@ class OPTForQuestionAnswering(PreTrainedOPT):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        cache_position=None,
     ):
         out = self.model(
             input_ids,
@@ -481,6 +488,7 @@ class OPTForQuestionAnswering(PreTrainedOPT):
             use_cache,
             output_attentions,
             output_hidden_states,
+            cache_position=cache_position,
         )
         logits = self.qa_outputs(out.last_hidden_state)  # B T E -> B T 2
         start_logits, end_logits = (x.squeeze(-1).contiguous() for x in logits.split(1, dim=-1))

@@ -26,6 +26,7 @@ from opt_core import pretrained as core
 from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError
 from opt_core.weights import module_path
+from opt_torch.cache import StaticKVCache
 
 # The torch dtype of each name in `opt_core.dtypes.FLOAT_DTYPES` (float32, float16, bfloat16).
 TORCH_DTYPES = {name: getattr(torch, name) for name in dtypes.FLOAT_DTYPES}
@@ -112,6 +113,11 @@ class PreTrainedOPT(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def init_cache(self, batch_size: int, max_length: int) -> StaticKVCache:
+        """An empty static cache (`opt_torch.cache.StaticKVCache`) of max_length slots, in the model's dtype and
+        on its device; forward it with `cache_position` and an attention mask over all max_length slots."""
+        return StaticKVCache(self.config, batch_size, max_length, self.dtype, self.device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
