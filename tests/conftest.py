@@ -76,6 +76,15 @@ def make_hf_model(variant: str, head: str = "causal_lm", seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture(scope="session", params=["torch", "tf", "flax"])
+def framework(request):
+    """The adapter (`frameworks.py`) of one implementation; a test narrows the list with
+    `@pytest.mark.parametrize("framework", [...], indirect=True)`."""
+    from frameworks import ADAPTERS
+
+    return ADAPTERS[request.param]()
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """hf_checkpoint(variant, head) -> folder HF transformers saved (safetensors, fp32), and the HF model.
