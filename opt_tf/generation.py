@@ -11,10 +11,12 @@ as a numpy int64 array.
 Compilation: each strategy (`sample_or_greedy`, `contrastive_search`, `beam_search`) is one XLA program that runs the
 prefill and then the whole decode loop as a `tf.while_loop` over the preallocated cache (beam search included); the
 loop condition stops as soon as every row has finished and the host slices the buffer to the final length.
-`DecodeOptions` carries the options: fields that shape the program (strategy switches, top_k, n-gram size, beams)
-are Python values, and `generate` keeps one `tf.function` per model and per combination of them; numeric values
-(temperature, penalties, eos ids, min length) are tensors, so changing them reuses the compiled program. Shapes
-(B, T0, S) key TF's own trace cache. `TRACES` counts the traces (a retrace means a recompile; tests use it).
+`opt_core.generation.DecodeOptions` carries the options: fields that shape the program (strategy switches, top_k,
+n-gram size, beams, lengths) are Python values, and the model keeps one `tf.function` per combination of them;
+numeric values (temperature, penalties, eos ids, min length) are tensors, so changing them reuses the compiled
+program. `TRACES` counts the traces (a retrace means a recompile; tests use it). On CPU the programs read the dense
+kernels in the [out, in] layout XLA's matrix-vector products prefer (`opt_tf.decode_layout`), refreshed before every
+call.
 
 Host loops: `tf.py_function` / `tf.numpy_function` cannot run inside an XLA program, so the two features that need
 Python between tokens, a streamer and stop strings (which need the tokenizer), run as a host loop of compiled steps
@@ -29,80 +31,19 @@ new tokens at most, V vocab, E final hidden size, n eos ids (padded with -1 to a
 from __future__ import annotations
 
 import collections
+import dataclasses
 import weakref
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
-from opt_core.generation import GenerationConfig, decoding_strategy, hits_stop_string, plan_decoding, prompt_only
-from opt_core.inputs import validate_inputs
+from opt_core.generation import DecodeOptions, GenerationCall, GenerationConfig, prepare_generation
+from opt_tf.decode_layout import DecodeLayout, dense_layers
 
 TRACES: collections.Counter = collections.Counter()  # function name -> times traced (a retrace means a recompile)
 
 NEG_INF = -float("inf")
-
-
-class DecodeOptions(NamedTuple):
-    """What the loops read from GenerationConfig and DecodingPlan: traced tensors, then static Python values."""
-
-    eos_ids: tf.Tensor  # n int32, -1 past the real ids (none: no stopping at eos)
-    pad_token_id: tf.Tensor  # () int32
-    min_length: tf.Tensor  # () int32: eos is forbidden while cur_len < min_length
-    temperature: tf.Tensor  # () float32
-    top_p_threshold: tf.Tensor  # () float32: 1 - top_p, in float64 first as torch's python scalar is
-    repetition_penalty: tf.Tensor  # () float32
-    length_divisors: tf.Tensor  # M+1 float32: t ** length_penalty for t new tokens (beam search)
-    beam_fill: tf.Tensor  # () int32: what beam buffers start with (HF's precedence of pad and eos)
-    alpha: tf.Tensor  # () float32: contrastive search's penalty_alpha
-    one_minus_alpha: tf.Tensor  # () float32
-    do_sample: bool
-    top_k: int  # the sampling warper's k, or the contrastive candidates
-    use_top_p: bool
-    use_repetition_penalty: bool
-    no_repeat_ngram_size: int
-    num_beams: int
-    beams_to_keep: int  # beam search's candidates per row: max(2, 1 + real eos ids) * num_beams
-    num_return_sequences: int
-    stop_when_full: bool  # early_stopping is True
-    best_at_max_length: bool  # early_stopping "never" and length_penalty > 0
-
-
-TRACED = DecodeOptions._fields[:10]
-
-
-def decode_options(config: GenerationConfig, plan, strategy: str) -> DecodeOptions:
-    """The options of one call, traced fields as numpy values; static fields a strategy ignores are left at
-    neutral values, so they do not key a recompile."""
-    sampling = config.do_sample and strategy == "sample"
-    contrastive, beams = strategy == "contrastive", strategy == "beam"
-    alpha = config.penalty_alpha or 0.0
-    # A few eos ids more or less reuse the compiled program: the ids are padded to a multiple of 4 with -1.
-    eos = list(plan.eos_ids) + [-1] * (max(4, -(-len(plan.eos_ids) // 4) * 4) - len(plan.eos_ids))
-    divisors = [1.0] + [float(t) ** config.length_penalty for t in range(1, plan.max_new_tokens + 1)]
-    fill = (config.pad_token_id or plan.eos_ids[0]) if plan.eos_ids else -1  # HF's precedence, kept as is
-    return DecodeOptions(
-        eos_ids=np.array(eos, np.int32),
-        pad_token_id=np.int32(plan.pad_token_id),
-        min_length=np.int32(plan.min_length),
-        temperature=np.float32(config.temperature),
-        top_p_threshold=np.float32(1 - config.top_p),
-        repetition_penalty=np.float32(config.repetition_penalty),
-        length_divisors=np.array(divisors, np.float32),
-        beam_fill=np.int32(fill),
-        alpha=np.float32(alpha),
-        one_minus_alpha=np.float32(1.0 - alpha),
-        do_sample=sampling,
-        top_k=config.top_k if sampling or contrastive else 0,
-        use_top_p=sampling and config.top_p < 1.0,
-        use_repetition_penalty=config.repetition_penalty != 1.0,
-        no_repeat_ngram_size=config.no_repeat_ngram_size,
-        num_beams=config.num_beams if beams else 1,
-        beams_to_keep=max(2, 1 + len(plan.eos_ids)) * config.num_beams if beams else 0,
-        num_return_sequences=config.num_return_sequences if beams else 1,
-        stop_when_full=beams and config.early_stopping is True,
-        best_at_max_length=beams and config.early_stopping == "never" and config.length_penalty > 0.0,
-    )
 
 
 # ----- the model calls: prefill and one decode step
@@ -121,19 +62,11 @@ def prefill(model, input_ids, attention_mask, cache):
 def decode_step(model, tokens, attention_mask, cache):
     """One token per row (B 1) written at the cache's index; returns logits B V, last hidden B E and the cache.
 
-    `attention_mask` (B S) already has the new token's slot set and nothing after it.
+    `attention_mask` (B S) already has the new token's slot set and nothing after it; the model derives the token's
+    position from it (`opt_tf.modeling.make_position_ids`, which gathers at the cache index rather than slicing, so
+    a program taking the index as an input compiles once for every index).
     """
-    # OPT quirk: positions count real tokens only, so the new token's is the number of real slots before it. Given
-    # here because the model slices its positions at the cache index, which XLA takes as a compile-time constant
-    # when the index is a program input (the host loops' steps): one compilation per index.
-    position_ids = tf.reduce_sum(attention_mask, axis=1, keepdims=True) - 1  # B 1
-    out = model(
-        tokens,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        output_hidden_states=True,
-    )
+    out = model(tokens, attention_mask=attention_mask, past_key_values=cache, output_hidden_states=True)
     return tf.cast(out.logits[:, -1], tf.float32), out.hidden_states[-1][:, -1], out.past_key_values
 
 
@@ -151,7 +84,10 @@ def process_logits(scores, sequences, cur_len, options: DecodeOptions, first_rea
 
 
 def warp_for_sampling(scores, options: DecodeOptions, min_tokens_to_keep: int = 1):
-    scores = scores / options.temperature  # a traced divisor: XLA keeps the IEEE division, as torch's
+    # The temperature is a program input, and TF's XLA keeps `x / traced scalar` an IEEE division, bit-equal to
+    # torch's (measured, TF 2.21); only a compile-time-constant divisor becomes a multiply by its reciprocal, which
+    # differs in the last bit. (JAX's newer XLA rewrites the traced case too: opt_flax divides by an opaque array.)
+    scores = scores / options.temperature
     if options.top_k:
         top_k = min(max(options.top_k, min_tokens_to_keep), scores.shape[-1])
         threshold = tf.math.top_k(scores, top_k).values[:, -1:]
@@ -173,7 +109,7 @@ def repetition_penalty(scores, sequences, cur_len, first_real, penalty):
     in_row = (positions >= first_real[:, None]) & (positions < cur_len)
     ids = tf.where(in_row, sequences, vocab)  # left padding and unwritten slots -> a dummy id
     seen = _scatter_rows(tf.zeros((scores.shape[0], vocab + 1), tf.bool), ids, tf.ones_like(ids, tf.bool))
-    penalised = tf.where(scores < 0, scores * penalty, scores / penalty)
+    penalised = tf.where(scores < 0, scores * penalty, scores / penalty)  # a traced divisor, as the temperature
     return tf.where(seen[:, :vocab], penalised, scores)
 
 
@@ -219,12 +155,6 @@ def _set_column(x, column, values):
     """x ... C with its last axis' `column` (traced) set to `values` (x without its last axis, or a scalar)."""
     hit = tf.range(x.shape[-1]) == column
     return tf.where(hit, tf.expand_dims(tf.cast(values, x.dtype), -1), x)
-
-
-def _take_rows(cache, rows):
-    """The cache with its rows (axis 0 of every k and v) gathered: beams and candidates continue other rows."""
-    key_values = tuple((tf.gather(k, rows), tf.gather(v, rows)) for k, v in cache.key_values)
-    return type(cache)(key_values, cache.index)
 
 
 # ----- greedy and sampling
@@ -332,7 +262,7 @@ def _contrastive_start(model, options: DecodeOptions, input_ids, attention_mask,
         cur_len=tf.constant(prompt),
         sequences=sequences,
         mask=tf.gather(mask, rows),
-        cache=_take_rows(cache, rows),
+        cache=cache.reorder(rows),
         unfinished=tf.ones((batch,), tf.bool),
         first_real=_first_real(mask),
         logits=logits,
@@ -355,7 +285,7 @@ def _contrastive_step(model, options: DecodeOptions, state: ContrastiveState) ->
     at_cur = (tf.range(state.context.shape[1]) == cur_len)[None, :, None]  # 1 S 1
     return state._replace(
         mask=mask,
-        cache=_take_rows(cache, picked),
+        cache=cache.reorder(picked),
         logits=tf.gather(tf.reshape(all_logits, (batch, top_k, -1)), selected, batch_dims=1),
         context=tf.where(at_cur, tf.gather(hidden, selected, batch_dims=1)[:, None, :], state.context),
         context_mask=_set_column(state.context_mask, cur_len, 1),
@@ -494,7 +424,7 @@ def _beam_select(options: DecodeOptions, state: BeamState, candidates: BeamCandi
         cur_len=cur_len,
         improvable=improvable,
         keep_going=tf.reduce_any(improvable) & ~done_all & ~tf.reduce_all(candidates.hits),
-        cache=_take_rows(state.cache, tf.reshape(row_of, (-1,))),
+        cache=state.cache.reorder(tf.reshape(row_of, (-1,))),
     )
 
 
@@ -557,81 +487,39 @@ HOST_STEPS = {"sample": (_sample_start, _sample_step), "contrastive": (_contrast
 # ----- host loops of compiled steps (streamer, stop strings)
 
 
-class _Host:
-    """The Python side of a host loop: feeds the streamer and checks the stop strings after each step."""
-
-    def __init__(self, streamer, tokenizer, stop_strings):
-        self.streamer, self.tokenizer = streamer, tokenizer
-        self.stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
-
-    def after_record(self, state):
-        cur_len = int(state.cur_len)
-        if self.streamer is not None:
-            self.streamer.put(state.sequences[:, cur_len - 1].numpy().astype(np.int64))
-        if self.stop_strings:
-            stopped = self.stopped(state.sequences.numpy()[:, :cur_len])
-            state = state._replace(unfinished=state.unfinished & ~tf.constant(stopped))
-        return state
-
-    def stopped(self, rows: np.ndarray) -> np.ndarray:
-        """R T ids -> R bool, True where the row's text ends with a stop string."""
-        return np.array([hits_stop_string(self.tokenizer, row, self.stop_strings) for row in rows.tolist()], bool)
+def _after_record(state, call: GenerationCall):
+    """The host's part of a host loop step: feeds the streamer the new tokens and stops rows at a stop string."""
+    cur_len = int(state.cur_len)
+    if call.streamer is not None:
+        call.streamer.put(state.sequences[:, cur_len - 1].numpy().astype(np.int64))
+    if call.stop_strings is not None:
+        stopped = call.stop_strings.stopped(state.sequences.numpy()[:, :cur_len])
+        state = state._replace(unfinished=state.unfinished & ~tf.constant(stopped))
+    return state
 
 
-def _host_loop(programs, inputs, values, host: _Host):
+def _host_loop(programs, inputs, values, call: GenerationCall):
     """Greedy, sampling or contrastive search as a host loop of two compiled programs (the start and the step)."""
     start, step = programs
-    state = host.after_record(start(*inputs, values))
+    state = _after_record(start(*inputs, values), call)
     while bool(_running(state)):
-        state = host.after_record(step(state, values))
+        state = _after_record(step(state, values), call)
     return state.sequences, state.cur_len
 
 
-def _beam_host_loop(programs, options: DecodeOptions, inputs, values, host: _Host):
+def _beam_host_loop(programs, inputs, values, call: GenerationCall):
     """Beam search with stop strings: each step's candidates are checked on the host before the selection."""
     start, select, advance = programs
     state, candidates = start(*inputs, values)
     while True:
         batch, width, length = candidates.sequences.shape
-        cur_len = int(state.cur_len)
-        stopped = host.stopped(candidates.sequences.numpy().reshape(batch * width, length)[:, : cur_len + 1])
-        candidates = candidates._replace(hits=candidates.hits | tf.constant(stopped.reshape(batch, width)))
+        rows = candidates.sequences.numpy().reshape(batch * width, length)[:, : int(state.cur_len) + 1]
+        stopped = call.stop_strings.stopped(rows).reshape(batch, width)
+        candidates = candidates._replace(hits=candidates.hits | tf.constant(stopped))
         state = select(state, candidates, values)
         if not (bool(state.keep_going) and int(state.cur_len) < length):
-            return _beam_result(options, state)
+            return _beam_result(call.options, state)
         state, candidates = advance(state, values)
-
-
-# ----- generate
-
-
-_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(name, static options): tf.function}
-
-
-def _compiled(model, name: str, statics: DecodeOptions, body):
-    """The `tf.function(jit_compile=True)` of `body(model, options, *args)`, made once per model, name and static
-    options; `args` end with the traced options' values. TF's trace cache then keys it on the input shapes."""
-    programs = _PROGRAMS.setdefault(model, {})
-    key = (name, statics)
-    if key not in programs:
-        programs[key] = tf.function(_Program(model, name, statics, body), jit_compile=True)
-    return programs[key]
-
-
-class _Program:
-    """A callable object rather than a closure: TF's retracing warning counts traces per code object, so closures
-    would add up every program's first trace into one false alarm."""
-
-    def __init__(self, model, name: str, statics: DecodeOptions, body):
-        # A weak reference: `_PROGRAMS` holds the programs weakly keyed by the model, which they must not keep alive.
-        self.model, self.name, self.statics, self.body = weakref.ref(model), name, statics, body
-
-    def __call__(self, *args):
-        from opt_tf.modeling import decode_kernels  # modeling imports this module for GenerationMixin
-
-        TRACES[self.name] += 1  # runs only while tracing
-        with decode_kernels():  # the dense layers read their [out, in] kernels (see opt_tf.modeling)
-            return self.body(self.model(), self.statics._replace(**args[-1]), *args[:-1])
 
 
 def _beam_first(model, options, input_ids, attention_mask, uniforms):
@@ -644,10 +532,78 @@ def _beam_next(model, options, state):
     return state, _beam_candidates(options, state, logits)
 
 
+def _beam_select_program(model, options, state, candidates):
+    return _beam_select(options, state, candidates)
+
+
+# ----- compiled programs, kept on the model
+
+
+class _LayoutModel:
+    """The model as the compiled programs call it: every call passes the decode layout explicitly (a Keras
+    call-context argument that reaches each `OPTDense`; None: the stored kernels)."""
+
+    def __init__(self, model, layout: DecodeLayout | None):
+        self.model, self.layout = model, layout
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, decode_layout=self.layout, **kwargs)
+
+    def init_cache(self, batch_size: int, max_length: int):
+        return self.model.init_cache(batch_size, max_length)
+
+
+class _Program:
+    """A callable object rather than a closure: TF's retracing warning counts traces per code object, so closures
+    would add up every program's first trace into one false alarm."""
+
+    def __init__(self, model, name: str, statics: DecodeOptions, body, layout: DecodeLayout | None):
+        # A weak reference: the model keeps its programs, which must not keep it alive in turn.
+        self.model, self.name, self.statics, self.body, self.layout = weakref.ref(model), name, statics, body, layout
+
+    def __call__(self, *args):
+        TRACES[self.name] += 1  # runs only while tracing
+        options = dataclasses.replace(self.statics, **args[-1])  # the traced values in their fields
+        return self.body(_LayoutModel(self.model(), self.layout), options, *args[:-1])
+
+
+class _Compiled:
+    """What `generate` keeps on a model: its programs and its decode layout.
+
+    A plain object, so neither Keras nor TF tracks what it holds (no tf.function in a SavedModel, no decode kernel in
+    `model.weights`). Each program is one `tf.function(jit_compile=True)` per name and static options; TF's trace
+    cache then keys it on the input shapes.
+    """
+
+    def __init__(self):
+        self.programs: dict[tuple[str, DecodeOptions], tf.types.experimental.GenericFunction] = {}
+        self.layout: DecodeLayout | None = None
+
+    def refresh_layout(self, model) -> None:
+        """Makes or refreshes the [out, in] kernels where they pay, before any program runs or is traced."""
+        layers = dense_layers(model)
+        if not DecodeLayout.pays(layers):
+            return
+        if self.layout is None:
+            self.layout = DecodeLayout()
+        self.layout.refresh(layers)
+
+    def program(self, model, name: str, statics: DecodeOptions, body):
+        """The compiled `body(model, options, *args)`; `args` end with the traced options' values."""
+        key = (name, statics)
+        if key not in self.programs:
+            self.programs[key] = tf.function(_Program(model, name, statics, body, self.layout), jit_compile=True)
+        return self.programs[key]
+
+
+# ----- generate
+
+
 class GenerationMixin:
     """`generate()` for TFOPTForCausalLM, with HF's arguments and HF PyTorch's return value."""
 
     generation_config: GenerationConfig | None = None
+    _compiled: _Compiled | None = None
 
     def generate(
         self,
@@ -672,55 +628,48 @@ class GenerationMixin:
             tokenizer: needed for `stop_strings` (checked on the host after each compiled step).
             **kwargs: GenerationConfig fields, e.g. max_new_tokens=50, do_sample=True, top_p=0.9.
         """
-        base = generation_config or self.generation_config or GenerationConfig.from_model_config(self.config)
-        config = base.updated(**kwargs)
-        input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask)
-        expand = config.num_beams if config.num_beams > 1 else config.num_return_sequences
-        input_ids, attention_mask = np.repeat(input_ids, expand, axis=0), np.repeat(attention_mask, expand, axis=0)
-        plan = plan_decoding(config, input_ids.shape[0], input_ids.shape[1], self.config.max_position_embeddings, seed)
-        if config.stop_strings and tokenizer is None:
-            raise ValueError("stop_strings need the tokenizer: generate(..., tokenizer=tokenizer)")
-        strategy = decoding_strategy(config)
-        if plan.max_new_tokens == 0:
-            return prompt_only(input_ids, config, strategy)
-        streamer = None if strategy == "beam" else streamer  # beam search does not stream, as in opt_torch
-        options = decode_options(config, plan, strategy)
-        uniforms = plan.uniforms if plan.uniforms is not None else np.zeros((input_ids.shape[0], plan.max_new_tokens))
-        inputs = (tf.constant(input_ids), tf.constant(attention_mask), tf.constant(uniforms, tf.float32))
-        if streamer is not None:
-            streamer.put(input_ids.astype(np.int64))
-        sequences, length = self._decode(strategy, options, inputs, _Host(streamer, tokenizer, config.stop_strings))
-        if streamer is not None:
-            streamer.end()
+        call = prepare_generation(
+            self.config,
+            self.generation_config,
+            input_ids,
+            attention_mask,
+            generation_config=generation_config,
+            streamer=streamer,
+            seed=seed,
+            tokenizer=tokenizer,
+            **kwargs,
+        )
+        if call.nothing_to_generate:
+            return call.prompt_only()
+        if call.streamer is not None:
+            call.streamer.put(call.input_ids)
+        sequences, length = self._decode(call)
+        if call.streamer is not None:
+            call.streamer.end()
         return sequences.numpy()[:, : int(length)].astype(np.int64)
 
-    def _decode(self, strategy: str, options: DecodeOptions, inputs, host: _Host):
+    def _decode(self, call: GenerationCall):
         """Runs the strategy: one compiled program, or a host loop of compiled steps for a streamer or stop strings."""
-        from opt_tf.modeling import decode_view_pays, refresh_decode_kernels  # modeling imports this module
-
-        if decode_view_pays(self):
-            refresh_decode_kernels(self)  # before any program runs (or is traced): they read these kernels
-        statics = options._replace(**{name: None for name in TRACED})
-        values = {name: tf.constant(getattr(options, name)) for name in TRACED}
-        if host.streamer is None and not host.stop_strings:
-            return _compiled(self, strategy, statics, LOOPS[strategy])(*inputs, values)
+        if self._compiled is None:
+            self._compiled = _Compiled()
+        compiled, options = self._compiled, call.options
+        compiled.refresh_layout(self)
+        # A few eos ids more or less reuse the compiled programs: the ids are padded to a multiple of 4 with -1.
+        n = len(options.eos_ids)
+        eos_ids = np.pad(options.eos_ids, (0, max(4, -(-n // 4) * 4) - n), constant_values=-1)
+        values = {name: tf.constant(value) for name, value in {**options.traced(), "eos_ids": eos_ids}.items()}
+        inputs = (
+            tf.constant(call.input_ids, tf.int32),
+            tf.constant(call.attention_mask, tf.int32),
+            tf.constant(call.uniforms, tf.float32),
+        )
+        statics, strategy = options.statics(), options.strategy
+        if call.streamer is None and call.stop_strings is None:
+            return compiled.program(self, strategy, statics, LOOPS[strategy])(*inputs, values)
         if strategy == "beam":
-            programs = [
-                _compiled(self, "beam_first", statics, _beam_first),
-                _compiled(self, "beam_select", statics, lambda model, options, *args: _beam_select(options, *args)),
-                _compiled(self, "beam_next", statics, _beam_next),
-            ]
-            return _beam_host_loop(programs, options, inputs, values, host)
+            bodies = {"beam_first": _beam_first, "beam_select": _beam_select_program, "beam_next": _beam_next}
+            programs = [compiled.program(self, name, statics, body) for name, body in bodies.items()]
+            return _beam_host_loop(programs, inputs, values, call)
         names = (f"{strategy}_start", f"{strategy}_step")
-        programs = [_compiled(self, name, statics, body) for name, body in zip(names, HOST_STEPS[strategy])]
-        return _host_loop(programs, inputs, values, host)
-
-    def _prepare_prompt(self, input_ids, attention_mask):
-        if input_ids is None:
-            input_ids = np.full((1, 1), self.config.bos_token_id, dtype=np.int64)
-        input_ids = np.asarray(input_ids)
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-        validate_inputs(self.config, input_ids, attention_mask, None, 0, input_ids.shape)
-        return input_ids.astype(np.int32), attention_mask.astype(np.int32)
+        programs = [compiled.program(self, name, statics, body) for name, body in zip(names, HOST_STEPS[strategy])]
+        return _host_loop(programs, inputs, values, call)

@@ -7,12 +7,13 @@ checkpoint names, so a canonical name of `opt_core.weights` is the attribute pat
 Shapes: B batch, T query length, S key/cache length, N heads, H head dim, D hidden, E word-embedding dim,
 F ffn dim, V vocab, L layers, C labels.
 
-Caches: `past_key_values` is HF's layout, per layer (k, v) each B N S H; a call with `use_cache=True` returns the
-grown tuple. For compiled decoding, `past_key_values` is instead a `KVCache` (`model.init_cache(B, S)`, as HF
-Flax): per layer (k, v) each B S N H preallocated to S slots, and the write index. A call writes the new keys
-and values at the index and returns the updated cache; `attention_mask` covers all S slots (0 for slots not
-written yet). Shapes never change, so one `tf.function(jit_compile=True)` step serves a whole decoding loop,
-inside a `tf.while_loop` too.
+Caches (`opt_tf.cache`): `past_key_values` is HF's layout, per layer (k, v) each B N S H; a call with
+`use_cache=True` returns the grown tuple. For compiled decoding, `past_key_values` is instead a `KVCache`
+(`model.init_cache(B, S)`, as HF Flax): per layer (k, v) each B S N H preallocated to S slots, and the write index.
+A call writes the new keys and values at the index and returns the updated cache; `attention_mask` covers all S
+slots (0 for slots not written yet). Shapes never change, so one `tf.function(jit_compile=True)` step serves a whole
+decoding loop, inside a `tf.while_loop` too. Either way attention receives its layer's view of the cache and calls
+its `update`.
 
 Bad input raises `opt_core.errors.InputError` when the model runs eagerly. Inside `tf.function` the values are
 symbolic and cannot be checked: under XLA an out-of-range token id is silently clamped to the table's last row
@@ -21,11 +22,8 @@ symbolic and cannot be checked: under XLA an out-of-range token id is silently c
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import os
-import weakref
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -34,10 +32,12 @@ import tensorflow as tf  # noqa: E402
 
 from opt_core import outputs  # noqa: E402
 from opt_core.config import OPTConfig  # noqa: E402
-from opt_core.errors import InputError  # noqa: E402
+from opt_core.heads import pools_last_position, problem_type  # noqa: E402
 from opt_core.inputs import validate_inputs  # noqa: E402
+from opt_tf.cache import DynamicKVCache, KVCache  # noqa: E402
+from opt_tf.decode_layout import OPTDense  # noqa: E402
 from opt_tf.generation import GenerationMixin  # noqa: E402
-from opt_tf.pretrained import PreTrainedOPT, initializer  # noqa: E402
+from opt_tf.pretrained import PreTrainedOPT  # noqa: E402
 
 
 def _nestable(cls):
@@ -70,110 +70,15 @@ ACTIVATIONS = {
 }
 
 
-# Decode-time kernels: layer -> a tf.Variable holding its kernel transposed to [out, in] (torch's layout), with the
-# bias appended as a last column ([out, in + 1]). Both measured on the 2-core AVX-512 CPU this project benchmarks
-# on, for the 24 fc1/fc2 products of an opt-125m step at batch 1 in one XLA program: [in, out] 11.9 ms without
-# biases, [out, in] 10.0 ms; adding the biases costs 3-5 ms more whatever the layout, because XLA CPU output-fuses
-# each bias add into its matrix-vector product and emits the pair as a slow loop; a bias column read by the product
-# itself (the input gets a trailing 1) takes 9.9 ms. `generate` refreshes these from the layers' weights before every
-# call (`refresh_decode_kernels`: one transposed copy, so never stale after training or loading) and traces its
-# programs with `decode_kernels()` active. Memory: a second copy of every dense kernel (340 MB for opt-125m in fp32),
-# kept while the model lives. Outside the generation programs the layers use `kernel` and `bias` as usual.
-_DECODE_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_USE_DECODE_KERNELS = contextvars.ContextVar("use_decode_kernels", default=False)
-
-
-@contextlib.contextmanager
-def decode_kernels():
-    """While tracing under this context, `OPTDense` layers read their decode-time kernel."""
-    token = _USE_DECODE_KERNELS.set(True)
-    try:
-        yield
-    finally:
-        _USE_DECODE_KERNELS.reset(token)
-
-
-# The view pays on CPUs (measured above) and costs a copy of the kernels: it is skipped on accelerators, and for
-# models whose dense kernels exceed this many bytes, where doubling them would matter more than the speed.
-DECODE_VIEW_MAX_BYTES = 2 * 2**30
-
-
-def decode_view_pays(model: keras.layers.Layer) -> bool:
-    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
-        return False
-    layers = [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, OPTDense)]
-    nbytes = sum(int(tf.size(layer.kernel)) * tf.as_dtype(layer.kernel.dtype).size for layer in layers if layer.built)
-    return nbytes <= DECODE_VIEW_MAX_BYTES
-
-
-def refresh_decode_kernels(model: keras.layers.Layer) -> None:
-    """(Re)writes every built `OPTDense` layer's decode-time kernel from its current weights (eagerly)."""
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, OPTDense) and layer.built:
-            kernel = tf.transpose(layer.kernel)  # out in
-            if layer.use_bias:
-                kernel = tf.concat([kernel, tf.cast(layer.bias, kernel.dtype)[:, None]], axis=1)  # out in+1
-            variable = _DECODE_KERNELS.get(layer)
-            if variable is None or variable.dtype != kernel.dtype:
-                _DECODE_KERNELS[layer] = tf.Variable(kernel, trainable=False, name=f"{layer.name}_decode_kernel")
-            else:
-                variable.assign(kernel)
-
-
-class OPTDense(keras.layers.Dense):
-    """`keras.layers.Dense` that reads its decode-time kernel (see above) inside the generation programs."""
-
-    def call(self, inputs):
-        kernel = _DECODE_KERNELS.get(self) if _USE_DECODE_KERNELS.get() else None
-        if kernel is None:
-            return super().call(inputs)
-        kernel = tf.cast(kernel, inputs.dtype)  # out in(+1)
-        batch_shape = tf.shape(inputs)[:-1]
-        flat = tf.reshape(inputs, (-1, inputs.shape[-1]))  # N in
-        if self.use_bias:
-            flat = tf.concat([flat, tf.ones_like(flat[:, :1])], axis=1)  # N in+1: the 1 picks up the bias column
-        # kernel @ flat^T, then transposed back: XLA then contracts the kernel's last dimension in place, where
-        # `matmul(flat, kernel, transpose_b=True)` adds a transpose of the kernel that XLA CPU fuses into a loop.
-        outputs = tf.transpose(tf.matmul(kernel, flat, transpose_b=True))  # N out
-        return tf.reshape(outputs, tf.concat([batch_shape, [self.units]], axis=0))
-
-
-def dense(config: OPTConfig, units: int, use_bias: bool, name: str, dtype) -> keras.layers.Dense:
-    return OPTDense(units, use_bias=use_bias, kernel_initializer=initializer(config), name=name, dtype=dtype)
+def dense(units: int, use_bias: bool, name: str, dtype, initializer) -> OPTDense:
+    # OPTDense: a Dense that generate's programs can hand [out, in] kernels to (opt_tf.decode_layout).
+    return OPTDense(units, use_bias=use_bias, kernel_initializer=initializer, name=name, dtype=dtype)
 
 
 def layer_norm(config: OPTConfig, name: str, dtype) -> keras.layers.LayerNormalization:
     # Keras' LayerNormalization computes in float32 whatever the policy; torch's epsilon.
     affine = config.layer_norm_elementwise_affine
     return keras.layers.LayerNormalization(epsilon=1e-5, center=affine, scale=affine, name=name, dtype=dtype)
-
-
-class KVCache:
-    """The static cache: per layer (k, v), each B S N H with S the cache length, and the write index.
-
-    A TF nest (its custom-nest protocol), so it passes in and out of `tf.function` and `tf.while_loop`.
-    """
-
-    def __init__(self, key_values: tuple, index):
-        self.key_values = key_values  # L of (k, v), each B S N H
-        self.index = index  # () int32: positions written so far
-
-    @classmethod
-    def create(cls, config: OPTConfig, batch_size: int, max_length: int, dtype="float32") -> KVCache:
-        shape = (batch_size, max_length, config.num_attention_heads, config.head_dim)  # B S N H
-        layers = tuple((tf.zeros(shape, dtype), tf.zeros(shape, dtype)) for _ in range(config.num_hidden_layers))
-        return cls(layers, tf.zeros((), tf.int32))
-
-    @property
-    def max_length(self) -> int:
-        return self.key_values[0][0].shape[1]
-
-    def __tf_flatten__(self):
-        return (), (self.key_values, self.index)
-
-    @classmethod
-    def __tf_unflatten__(cls, metadata, components):
-        return cls(*components)
 
 
 def make_position_ids(attention_mask: tf.Tensor, past_length, query_length) -> tf.Tensor:
@@ -192,14 +97,6 @@ def make_attention_mask(attention_mask: tf.Tensor, query_length, past_length) ->
     return (key_pos <= query_pos)[None, None] & tf.cast(attention_mask, tf.bool)[:, None, None, :]
 
 
-def write_slots(cache: tf.Tensor, new: tf.Tensor, cache_index) -> tf.Tensor:
-    """Writes B T N H `new` into slots cache_index .. cache_index + T - 1 of the B S N H `cache`."""
-    batch, length = tf.shape(new)[0], tf.shape(new)[1]
-    rows = tf.broadcast_to(tf.range(batch)[:, None], (batch, length))
-    slots = tf.broadcast_to(cache_index + tf.range(length)[None, :], (batch, length))
-    return tf.tensor_scatter_nd_update(cache, tf.stack([rows, slots], axis=-1), tf.cast(new, cache.dtype))
-
-
 class OPTLearnedPositionalEmbedding(keras.layers.Embedding):
     """OPT's position table: max_position_embeddings + 2 rows, looked up at position + 2."""
 
@@ -214,17 +111,17 @@ class OPTLearnedPositionalEmbedding(keras.layers.Embedding):
 
 
 class OPTAttention(keras.layers.Layer):
-    def __init__(self, config: OPTConfig, **kwargs):
+    def __init__(self, config: OPTConfig, initializer, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
         self.dropout = keras.layers.Dropout(config.attention_dropout, dtype=self.dtype_policy)
         d, bias, policy = config.hidden_size, config.enable_bias, self.dtype_policy
-        self.k_proj = dense(config, d, bias, "k_proj", policy)
-        self.v_proj = dense(config, d, bias, "v_proj", policy)
-        self.q_proj = dense(config, d, bias, "q_proj", policy)
-        self.out_proj = dense(config, d, bias, "out_proj", policy)
+        self.k_proj = dense(d, bias, "k_proj", policy, initializer)
+        self.v_proj = dense(d, bias, "v_proj", policy, initializer)
+        self.q_proj = dense(d, bias, "q_proj", policy, initializer)
+        self.out_proj = dense(d, bias, "out_proj", policy, initializer)
 
     def build(self, input_shape):
         for proj in (self.k_proj, self.v_proj, self.q_proj, self.out_proj):
@@ -234,20 +131,14 @@ class OPTAttention(keras.layers.Layer):
         b, t = tf.shape(x)[0], tf.shape(x)[1]
         return tf.reshape(x, (b, t, self.num_heads, self.head_dim))  # B T D -> B T N H
 
-    def call(self, hidden_states, mask, past_key_value=None, cache_index=None, output_attentions=False, training=False):
+    def call(self, hidden_states, mask, past_key_value=None, output_attentions=False, training=False):
         # OPT quirk: the projected query (bias included) is scaled by head_dim ** -0.5 before q @ k; the
         # attention below then runs with scale 1. Never scale twice.
         q = self._split_heads(self.q_proj(hidden_states) * self.scaling)  # B T N H
         k = self._split_heads(self.k_proj(hidden_states))  # B T N H
         v = self._split_heads(self.v_proj(hidden_states))  # B T N H
-        to_hf = lambda x: tf.transpose(x, [0, 2, 1, 3])  # B S N H <-> B N S H, HF's tuple layout
-        if cache_index is not None:
-            # The static cache: the new keys and values are written at the cache index; attention spans all S slots.
-            k = write_slots(past_key_value[0], k, cache_index)  # B S N H
-            v = write_slots(past_key_value[1], v, cache_index)  # B S N H
-        elif past_key_value is not None:
-            k = tf.concat([to_hf(past_key_value[0]), k], axis=1)  # B S N H
-            v = tf.concat([to_hf(past_key_value[1]), v], axis=1)  # B S N H
+        if past_key_value is not None:  # this layer's cache (opt_tf.cache): stores k, v, returns all so far
+            k, v = past_key_value.update(k, v)  # B S N H
         scores = tf.einsum("btnh,bsnh->bnts", q, tf.cast(k, q.dtype))  # B N T S
         # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
         scores = tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype))
@@ -258,21 +149,20 @@ class OPTAttention(keras.layers.Layer):
         attn = tf.einsum("bnts,bsnh->btnh", self.dropout(probs, training=training), tf.cast(v, q.dtype))  # B T N H
         b, t = tf.shape(attn)[0], tf.shape(attn)[1]
         attn = tf.reshape(attn, (b, t, self.num_heads * self.head_dim))  # B T N H -> B T D
-        present = (k, v) if cache_index is not None else (to_hf(k), to_hf(v))
-        return self.out_proj(attn), present, probs if output_attentions else None
+        return self.out_proj(attn), (k, v), probs if output_attentions else None
 
 
 class OPTDecoderLayer(keras.layers.Layer):
-    def __init__(self, config: OPTConfig, **kwargs):
+    def __init__(self, config: OPTConfig, initializer, **kwargs):
         super().__init__(**kwargs)
         self.do_layer_norm_before = config.do_layer_norm_before
         self.dropout = keras.layers.Dropout(config.dropout, dtype=self.dtype_policy)
         self.activation_fn = ACTIVATIONS[config.activation_function]
         policy = self.dtype_policy
-        self.self_attn = OPTAttention(config, name="self_attn", dtype=policy)
+        self.self_attn = OPTAttention(config, initializer, name="self_attn", dtype=policy)
         self.self_attn_layer_norm = layer_norm(config, "self_attn_layer_norm", policy)
-        self.fc1 = dense(config, config.ffn_dim, config.enable_bias, "fc1", policy)
-        self.fc2 = dense(config, config.hidden_size, config.enable_bias, "fc2", policy)
+        self.fc1 = dense(config.ffn_dim, config.enable_bias, "fc1", policy, initializer)
+        self.fc2 = dense(config.hidden_size, config.enable_bias, "fc2", policy, initializer)
         self.final_layer_norm = layer_norm(config, "final_layer_norm", policy)
 
     def build(self, input_shape):
@@ -282,13 +172,13 @@ class OPTDecoderLayer(keras.layers.Layer):
         self.fc2.build((*input_shape[:-1], self.fc1.units))
         self.final_layer_norm.build(input_shape)
 
-    def call(self, hidden_states, mask, past_key_value=None, cache_index=None, output_attentions=False, training=False):
+    def call(self, hidden_states, mask, past_key_value=None, output_attentions=False, training=False):
         # OPT quirk: opt-350m (do_layer_norm_before=False) is post-LN; every other size is pre-LN.
         residual = hidden_states
         if self.do_layer_norm_before:
             hidden_states = self.self_attn_layer_norm(hidden_states)
         hidden_states, present, probs = self.self_attn(
-            hidden_states, mask, past_key_value, cache_index=cache_index, output_attentions=output_attentions
+            hidden_states, mask, past_key_value=past_key_value, output_attentions=output_attentions
         )
         hidden_states = residual + self.dropout(hidden_states, training=training)
         if not self.do_layer_norm_before:
@@ -305,30 +195,30 @@ class OPTDecoderLayer(keras.layers.Layer):
 
 
 class OPTDecoder(keras.layers.Layer):
-    def __init__(self, config: OPTConfig, **kwargs):
+    def __init__(self, config: OPTConfig, initializer, **kwargs):
         super().__init__(**kwargs)
         self.config = config
         self.dropout = keras.layers.Dropout(config.dropout, dtype=self.dtype_policy)
-        init, policy = initializer(config), self.dtype_policy
+        policy = self.dtype_policy
         self.embed_tokens = keras.layers.Embedding(
             config.vocab_size,
             config.word_embed_proj_dim,
-            embeddings_initializer=init,
+            embeddings_initializer=initializer,
             name="embed_tokens",
             dtype=policy,
         )
         self.embed_positions = OPTLearnedPositionalEmbedding(
             config.max_position_embeddings,
             config.hidden_size,
-            embeddings_initializer=init,
+            embeddings_initializer=initializer,
             name="embed_positions",
             dtype=policy,
         )
         # OPT quirk: opt-350m embeds tokens in E = word_embed_proj_dim != D; project_in maps E -> D before the
         # positions are added, project_out maps D -> E after the final norm.
         if config.has_projection:
-            self.project_out = dense(config, config.word_embed_proj_dim, False, "project_out", policy)
-            self.project_in = dense(config, config.hidden_size, False, "project_in", policy)
+            self.project_out = dense(config.word_embed_proj_dim, False, "project_out", policy, initializer)
+            self.project_in = dense(config.hidden_size, False, "project_in", policy, initializer)
         else:
             self.project_out = self.project_in = None
         if config.has_final_layer_norm:
@@ -336,7 +226,8 @@ class OPTDecoder(keras.layers.Layer):
         else:
             self.final_layer_norm = None
         self.layers = [
-            OPTDecoderLayer(config, name=f"layers.{i}", dtype=policy) for i in range(config.num_hidden_layers)
+            OPTDecoderLayer(config, initializer, name=f"layers.{i}", dtype=policy)
+            for i in range(config.num_hidden_layers)
         ]
 
     def build(self, input_shape=None):
@@ -361,86 +252,109 @@ class OPTDecoder(keras.layers.Layer):
         output_hidden_states=False,
         training=False,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if input_ids is not None:
-            input_ids = tf.convert_to_tensor(input_ids)
-        if input_ids is not None and input_ids.shape.rank == 1:
-            input_ids = input_ids[None]  # T -> 1 T, as HF does
-        static = isinstance(past_key_values, KVCache)
+        input_ids = _new_tokens(input_ids, inputs_embeds)
+        cache = _cache(past_key_values, use_cache)
         if tf.executing_eagerly():
-            _validate(self.config, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+            _validate(self.config, input_ids, attention_mask, position_ids, cache, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # B T E
         batch, length = tf.shape(inputs_embeds)[0], tf.shape(inputs_embeds)[1]
-        past_length = _past_length(past_key_values)
-        if attention_mask is None:  # every token so far; a static cache's slots beyond them are empty
-            key_length = past_key_values.max_length if static else past_length + length
-            attention_mask = tf.broadcast_to(tf.range(key_length) < past_length + length, (batch, key_length))
-        attention_mask = tf.cast(attention_mask, tf.int32)
+        past_length = _past_length(cache)
+        attention_mask = _padding_mask(attention_mask, cache, past_length, (batch, length))  # B S
         if position_ids is None:
             position_ids = make_position_ids(attention_mask, past_length, length)
         mask = make_attention_mask(attention_mask, length, past_length)  # B 1 T S
 
-        if self.project_in is not None:
-            inputs_embeds = self.project_in(inputs_embeds)  # B T E -> B T D
-        hidden_states = inputs_embeds + tf.cast(self.embed_positions(position_ids), inputs_embeds.dtype)
-        hidden_states = self.dropout(hidden_states, training=training)
-
-        all_hidden, all_attn, presents = [], [], []
-        for i, layer in enumerate(self.layers):
-            all_hidden.append(hidden_states)
-            if static:
-                past, cache_index = past_key_values.key_values[i], past_length
-            else:
-                past, cache_index = (past_key_values[i] if past_key_values else None), None
-            hidden_states, present, probs = layer(
-                hidden_states, mask, past, cache_index=cache_index, output_attentions=output_attentions
-            )
-            presents.append(present)
-            all_attn.append(probs)
-
-        if self.final_layer_norm is not None:
-            hidden_states = self.final_layer_norm(hidden_states)
-        if self.project_out is not None:
-            hidden_states = self.project_out(hidden_states)  # B T D -> B T E
-        cache = KVCache(tuple(presents), past_length + length) if static else tuple(presents)
+        hidden_states = self._embed(inputs_embeds, position_ids, training)
+        hidden_states, presents, all_hidden, all_attn = self._run_layers(hidden_states, mask, cache, output_attentions)
+        hidden_states = self._finish(hidden_states)
         # As HF: L + 1 entries, each layer's input, then the final (normed, projected) state.
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=cache if use_cache or static else None,
+            past_key_values=_returned_cache(cache, presents, length, use_cache),
             hidden_states=(*all_hidden, hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
         )
 
+    def _embed(self, inputs_embeds, position_ids, training) -> tf.Tensor:
+        """The new tokens' embeddings (projected to D) plus their positions' (B T D)."""
+        if self.project_in is not None:
+            inputs_embeds = self.project_in(inputs_embeds)  # B T E -> B T D
+        hidden_states = inputs_embeds + tf.cast(self.embed_positions(position_ids), inputs_embeds.dtype)
+        return self.dropout(hidden_states, training=training)
 
-def _past_length(past_key_values):
-    """Positions already cached: the static cache's write index, or the S of HF's B N S H tuple."""
+    def _run_layers(self, hidden_states, mask, cache, output_attentions):
+        """The L layers: the last one's output, each layer's updated (k, v), input and attention probs (or None)."""
+        all_hidden, all_attn, presents = [], [], []
+        for i, layer in enumerate(self.layers):
+            all_hidden.append(hidden_states)
+            past = cache.layer(i) if cache is not None else None
+            hidden_states, present, probs = layer(
+                hidden_states, mask, past_key_value=past, output_attentions=output_attentions
+            )
+            presents.append(present)
+            all_attn.append(probs)
+        return hidden_states, presents, all_hidden, all_attn
+
+    def _finish(self, hidden_states) -> tf.Tensor:
+        """The final norm, then project_out (B T D -> B T E)."""
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        if self.project_out is not None:
+            hidden_states = self.project_out(hidden_states)  # B T D -> B T E
+        return hidden_states
+
+
+def _new_tokens(input_ids, inputs_embeds):
+    """input_ids as a B T tensor (a lone row of T ids is a batch of one, as HF), or None with inputs_embeds."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if input_ids is None:
+        return None
+    input_ids = tf.convert_to_tensor(input_ids)
+    return input_ids[None] if input_ids.shape.rank == 1 else input_ids  # T -> 1 T, as HF does
+
+
+def _cache(past_key_values, use_cache):
+    """The cache a call updates: a KVCache as given, HF's tuples in a DynamicKVCache, or None."""
     if isinstance(past_key_values, KVCache):
-        return tf.cast(past_key_values.index, tf.int32)
-    return tf.shape(past_key_values[0][0])[2] if past_key_values else 0
+        return past_key_values
+    if past_key_values or use_cache:
+        return DynamicKVCache(past_key_values)
+    return None
 
 
-def _validate(config, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds):
+def _returned_cache(cache, presents, length, use_cache):
+    """What a call returns as past_key_values: the advanced KVCache always; HF's tuples when use_cache."""
+    if isinstance(cache, KVCache):
+        return cache.advanced(presents, length)
+    return cache.advanced(presents) if use_cache and cache is not None else None
+
+
+def _past_length(cache):
+    """Positions already cached: the static cache's write index, or the S of HF's B N S H tuple."""
+    return tf.cast(cache.index, tf.int32) if cache is not None else 0
+
+
+def _padding_mask(attention_mask, cache, past_length, batch_and_length):
+    """The B S int32 padding mask; when None, every token so far (a static cache's slots beyond them are empty)."""
+    if attention_mask is not None:
+        return tf.cast(attention_mask, tf.int32)
+    batch, length = batch_and_length
+    key_length = cache.max_length if isinstance(cache, KVCache) else past_length + length
+    return tf.cast(tf.broadcast_to(tf.range(key_length) < past_length + length, (batch, key_length)), tf.int32)
+
+
+def _validate(config, input_ids, attention_mask, position_ids, cache, inputs_embeds):
+    """Clear errors for bad input (`opt_core.inputs`) from host copies; a static cache checks the tokens fit."""
+
     def host(x):
         return None if x is None else tf.convert_to_tensor(x).numpy()
 
     batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-    past_length, mask = int(_past_length(past_key_values)), host(attention_mask)
-    if isinstance(past_key_values, KVCache):
-        cache_batch, key_length = past_key_values.key_values[0][0].shape[:2]
-        if cache_batch != batch:
-            raise InputError(f"the cache was made for a batch of {cache_batch}, the inputs have a batch of {batch}")
-        if past_length + length > key_length:
-            raise InputError(
-                f"the cache holds {key_length} positions, {past_length} are used: it has no room for {length} more "
-                "tokens; make it longer with init_cache(batch_size, max_length)"
-            )
-        # With a static cache the mask covers every cache slot (zeros past the tokens so far), as HF Flax's.
-        if mask is not None and mask.shape != (batch, key_length):
-            raise InputError(
-                f"attention_mask has shape {mask.shape}, but a cache of {key_length} slots needs {(batch, key_length)}"
-            )
+    past_length, mask = (cache.past_length if cache is not None else 0), host(attention_mask)
+    if isinstance(cache, KVCache):  # its mask covers every slot: the cache checks its shape
+        cache.check((batch, length), None if mask is None else mask.shape)
         mask = None if mask is None else mask[:, : past_length + length]
     validate_inputs(config, host(input_ids), mask, host(position_ids), past_length, (batch, length))
 
@@ -458,7 +372,7 @@ class TFOPTModel(PreTrainedOPT):
 
     def __init__(self, config: OPTConfig, **kwargs):
         super().__init__(config, **kwargs)
-        self.decoder = OPTDecoder(config, name="decoder", dtype=self.dtype_policy)
+        self.decoder = OPTDecoder(config, self.initializer, name="decoder", dtype=self.dtype_policy)
         self.build()
 
     def build(self, input_shape=None):
@@ -504,12 +418,12 @@ class TFOPTForCausalLM(PreTrainedOPT, GenerationMixin):
 
     def __init__(self, config: OPTConfig, **kwargs):
         super().__init__(config, **kwargs)
-        self.model = TFOPTModel(config, name="model", dtype=self.dtype_policy)
+        self.model = TFOPTModel(config, initializer=self.initializer, name="model", dtype=self.dtype_policy)
         # OPT quirk: the LM head works in E = word_embed_proj_dim space and is tied to embed_tokens.
         if config.tie_word_embeddings:
             self.lm_head = None  # logits from embed_tokens' table itself
         else:
-            self.lm_head = dense(config, config.vocab_size, False, "lm_head", self.dtype_policy)
+            self.lm_head = dense(config.vocab_size, False, "lm_head", self.dtype_policy, self.initializer)
         self.build()
 
     def build(self, input_shape=None):
@@ -580,13 +494,9 @@ def _cross_entropy(logits: tf.Tensor, labels: tf.Tensor, ignore_index: int) -> t
 
 
 def last_non_pad_index(input_ids, pad_token_id, batch_size):
-    """HF's rule: the rightmost token that is not pad_token_id (so left and right padding both work)."""
-    if pad_token_id is None:
-        if batch_size != 1:
-            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+    """The position each row is pooled at (B, or -1 for the last); HF's rule is `opt_core.heads.pools_last_position`."""
+    if pools_last_position(pad_token_id, batch_size, input_ids is not None):
         return -1
-    if input_ids is None:
-        return -1  # with inputs_embeds the padding cannot be seen: take the last position, as HF does
     non_pad = tf.cast(input_ids != pad_token_id, tf.int32)
     positions = tf.range(tf.shape(input_ids)[-1], dtype=tf.int32)
     return tf.argmax(positions * non_pad, axis=-1, output_type=tf.int32)
@@ -606,8 +516,8 @@ class TFOPTForSequenceClassification(PreTrainedOPT):
     def __init__(self, config: OPTConfig, **kwargs):
         super().__init__(config, **kwargs)
         self.num_labels = config.num_labels
-        self.model = TFOPTModel(config, name="model", dtype=self.dtype_policy)
-        self.score = dense(config, self.num_labels, False, "score", self.dtype_policy)
+        self.model = TFOPTModel(config, initializer=self.initializer, name="model", dtype=self.dtype_policy)
+        self.score = dense(self.num_labels, False, "score", self.dtype_policy, self.initializer)
         self.build()
 
     def build(self, input_shape=None):
@@ -651,15 +561,7 @@ class TFOPTForSequenceClassification(PreTrainedOPT):
         return self._loss(out.logits, labels)
 
     def _loss(self, pooled: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-        problem = self.config.problem_type
-        if problem is None:
-            if self.num_labels == 1:
-                problem = "regression"
-            elif labels.dtype.is_integer:
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
-            self.config.problem_type = problem  # HF records the choice on the config
+        problem = problem_type(self.config, self.num_labels, labels.dtype.is_integer)
         pooled = tf.cast(pooled, tf.float32)
         if problem == "regression":
             if self.num_labels == 1:
@@ -685,8 +587,8 @@ class TFOPTForQuestionAnswering(PreTrainedOPT):
 
     def __init__(self, config: OPTConfig, **kwargs):
         super().__init__(config, **kwargs)
-        self.model = TFOPTModel(config, name="model", dtype=self.dtype_policy)
-        self.qa_outputs = dense(config, 2, True, "qa_outputs", self.dtype_policy)
+        self.model = TFOPTModel(config, initializer=self.initializer, name="model", dtype=self.dtype_policy)
+        self.qa_outputs = dense(2, True, "qa_outputs", self.dtype_policy, self.initializer)
         self.build()
 
     def build(self, input_shape=None):

@@ -1,18 +1,18 @@
 """`from_pretrained` / `save_pretrained` for the Keras models: the glue between `opt_core` and Keras 3.
 
-Siblings: `opt_torch/pretrained.py`, `opt_flax/pretrained.py`. Layer attribute names equal the canonical module
-names of `opt_core.weights`, so a canonical name walks the attribute path to its layer and the Keras leaf rule
-(`LEAF_RULES["keras"]`: kernel, bias, embeddings, gamma, beta) names the variable; kernels are [in, out], the
-transpose of the canonical layout. Keras' own layer and variable names never matter for loading; a bare
-`TFOPTModel` drops the leading `model.` as the torch one does.
+Siblings: `opt_torch/pretrained.py`, `opt_flax/pretrained.py`; the framework-free halves (folders, hub, config,
+checkpoint formats, a fresh task head's init, dtype rules) are `opt_core.pretrained` and `opt_core.dtypes`. Layer
+attribute names equal the canonical module names of `opt_core.weights`, so a canonical name walks the attribute path
+to its layer (`module_path`: a bare `TFOPTModel` drops the leading `model.`, as the torch one does) and the Keras
+leaf rule (`LEAF_RULES["keras"]`: kernel, bias, embeddings, gamma, beta) names the variable; kernels are [in, out],
+the transpose of the canonical layout. Keras' own layer and variable names never matter for loading.
 
-Loading builds the model with zero initialisers (a random draw would be overwritten at once) and assigns every
+Loading builds the model with a zero initializer (a random draw would be overwritten at once) and assigns every
 variable once from the memory-mapped checkpoint arrays, in float32 by default whatever the file stores.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,65 +24,42 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from opt_core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from opt_core import pretrained as core_pretrained  # noqa: E402
 from opt_core.config import OPTConfig  # noqa: E402
-from opt_core.generation import load_generation_config  # noqa: E402
-from opt_core.hub import resolve_model  # noqa: E402
+from opt_core.dtypes import resolve_dtype  # noqa: E402
 from opt_core.lazy import LazyTensor  # noqa: E402
-from opt_core.weights import DENSE_BIAS, LEAF_RULES, kind_of, parameter_specs, to_style_layout  # noqa: E402
+from opt_core.weights import LEAF_RULES, kind_of, module_path, parameter_specs, to_style_layout  # noqa: E402
+from opt_tf.cache import KVCache  # noqa: E402
 
 # Keras dtype policies a model may compute in; "mixed_*" keep float32 variables.
-_POLICIES = ("float32", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
-_fresh_init = True
+POLICIES = ("float32", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
 
 
-def resolve_dtype(dtype: Any, stored: np.dtype | None) -> str | keras.DTypePolicy:
-    """float32 by default whatever the checkpoint stores; "auto" keeps the stored dtype; or a Keras policy."""
-    if dtype is None:
-        return "float32"
-    if isinstance(dtype, keras.DTypePolicy):
-        return dtype
-    if isinstance(dtype, str) and dtype == "auto":
-        return str(stored) if str(stored) in _POLICIES else "float32"
-    key = getattr(dtype, "name", str(dtype)).removeprefix("torch.")  # np.dtype, tf.DType, "torch.float16"
-    if key not in _POLICIES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use 'auto' or one of {', '.join(_POLICIES)}")
-    return key
-
-
-def initializer(config: OPTConfig) -> keras.initializers.Initializer:
-    """HF's init for kernels and embeddings, normal(init_std); zeros while `from_pretrained` builds the model."""
-    if _fresh_init:
-        return keras.initializers.RandomNormal(stddev=config.init_std)
-    return keras.initializers.Zeros()
-
-
-@contextlib.contextmanager
-def _without_init():
-    global _fresh_init
-    _fresh_init = False
-    try:
-        yield
-    finally:
-        _fresh_init = True
+def hf_initializer(config: OPTConfig) -> keras.initializers.Initializer:
+    """HF's init for kernels and embeddings: normal(init_std)."""
+    return keras.initializers.RandomNormal(stddev=config.init_std)
 
 
 class PreTrainedOPT(keras.Model):
     """Shared by every Keras OPT class: building, loading, saving, Keras config and `fit`'s loss.
 
     Subclasses set `head` ("base", "causal_lm", "sequence_classification" or "question_answering") and
-    `hf_loss(outputs, labels)`.
+    `hf_loss(outputs, labels)`, and build their layers with `self.initializer`.
 
     Args:
         config: the model's OPTConfig.
+        initializer: for kernels and embeddings; HF's normal(init_std) by default (`from_pretrained` passes zeros).
         **kwargs: Keras model arguments: `name`, and `dtype` (a policy such as "mixed_bfloat16").
     """
 
     head = "base"
 
-    def __init__(self, config: OPTConfig, **kwargs):
+    def __init__(self, config: OPTConfig, initializer: keras.initializers.Initializer | None = None, **kwargs):
         super().__init__(**kwargs)
         self.config = config
+        self.initializer = initializer or hf_initializer(config)
+        # `generate` passes its [out, in] kernels down to the dense layers (opt_tf.decode_layout).
+        self._register_call_context_args("decode_layout")
 
     def __call__(self, input_ids=None, *args, **kwargs):
         if isinstance(input_ids, Mapping):  # fit / evaluate / predict pass a dataset's dict of inputs as one value
@@ -94,10 +71,8 @@ class PreTrainedOPT(keras.Model):
         decoder = self.decoder if hasattr(self, "decoder") else self.model.decoder
         return decoder.embed_tokens
 
-    def init_cache(self, batch_size: int, max_length: int):
-        """An empty static cache (`opt_tf.modeling.KVCache`) of max_length slots, in the compute dtype."""
-        from opt_tf.modeling import KVCache  # modeling builds on this module
-
+    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty static cache (`opt_tf.cache.KVCache`) of max_length slots, in the compute dtype."""
         return KVCache.create(self.config, batch_size, max_length, self.dtype_policy.compute_dtype)
 
     def num_parameters(self) -> int:
@@ -142,13 +117,10 @@ class PreTrainedOPT(keras.Model):
 
     # ----- canonical names
 
-    def _module_name(self, canonical: str) -> str:
-        return canonical.removeprefix("model.") if self.head == "base" else canonical
-
     def keras_variable(self, canonical: str, kind: str) -> keras.Variable:
         """The variable of a canonical parameter: its module path as attributes, then the Keras leaf name."""
         layer = self
-        for part in self._module_name(canonical).split(".")[:-1]:
+        for part in module_path(canonical, self.head).split(".")[:-1]:
             layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
         return getattr(layer, LEAF_RULES["keras"].leaves[kind])
 
@@ -194,38 +166,31 @@ class PreTrainedOPT(keras.Model):
             revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
             **config_overrides: config fields to override, as HF (e.g. `num_labels=3`).
         """
-        folder = resolve_model(
+        loaded = core_pretrained.load_pretrained(
             name_or_path,
-            formats=(fmt,) if fmt else None,
+            cls.head,
+            config=config,
+            fmt=fmt,
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
+            seed=int(np.random.randint(2**31 - 1)),  # keras.utils.set_random_seed controls a fresh head's init
+            config_overrides=config_overrides,
         )
-        if config is None:
-            config = OPTConfig.from_pretrained(folder, **config_overrides)
-        elif config_overrides:
-            config = config.replace(**config_overrides)
-        match = load_checkpoint(folder, config, cls.head, fmt=fmt)
-        stored = match.tensors["model.decoder.embed_tokens.weight"].dtype
-        with _without_init():
-            model = cls(config, dtype=resolve_dtype(dtype, stored))
-        model._assign(match)
+        dtype = resolve_dtype(dtype, loaded.stored_dtype, allowed=POLICIES)
+        model = cls(loaded.config, initializer=keras.initializers.Zeros(), dtype=dtype)
+        model._assign(loaded.tensors)
         if hasattr(model, "generate"):
-            model.generation_config = load_generation_config(folder, config)
+            model.generation_config = loaded.generation_config
         return model
 
-    def _assign(self, match) -> None:
-        for name, array in match.tensors.items():
-            variable = self.keras_variable(name, kind_of(name))
+    def _assign(self, tensors: Mapping[str, np.ndarray]) -> None:
+        for name, array in tensors.items():
+            kind = kind_of(name)
+            variable = self.keras_variable(name, kind)
             # One copy per tensor, cast on the way: the memory-mapped file is never read twice.
-            variable.assign(tf.cast(to_style_layout(np.asarray(array), kind_of(name), "keras"), variable.dtype))
-        fresh = keras.initializers.RandomNormal(stddev=self.config.init_std)
-        for spec in match.missing_head_params:  # a task head the checkpoint lacks starts fresh, as HF's does
-            variable = self.keras_variable(spec.name, spec.kind)
-            variable.assign(
-                tf.zeros_like(variable) if spec.kind == DENSE_BIAS else fresh(variable.shape, variable.dtype)
-            )
+            variable.assign(tf.cast(to_style_layout(np.asarray(array), kind, "keras"), variable.dtype))
 
     # ----- saving
 
@@ -233,32 +198,32 @@ class PreTrainedOPT(keras.Model):
         self,
         save_directory: str | os.PathLike,
         *,
-        fmt: str = "tf",
+        safe_serialization: bool | None = None,
+        fmt: str | None = None,
         max_shard_size: int | str = "5GB",
-        dtype: str | None = None,
+        dtype: Any = None,
     ) -> list[Path]:
-        """Writes config.json and the weights as HF does; every framework's `from_pretrained` reads the folder.
+        """Writes config.json, generation_config.json and the weights as HF does; every framework's
+        `from_pretrained` reads the folder. Returns the weight files.
 
         Args:
             save_directory: the folder; created if needed.
-            fmt: "tf" (tf_model.h5 in HF's Keras-2 layout, the default), "safetensors", "pytorch" or "flax".
+            safe_serialization: True writes safetensors; False or None tf_model.h5 (HF's Keras-2 layout), the
+                default of HF's TF port.
+            fmt: any format by name ("safetensors", "pytorch", "tf", "flax"); wins when given.
             max_shard_size: shard above this size ("5GB" = 5 * 10**9 bytes, "5GiB" = 5 * 2**30).
             dtype: cast the weights to this dtype on the way out, one tensor at a time (default: as the variables;
                 h5 stores bfloat16 as float32).
         """
-        folder = Path(save_directory)
-        config = self.config.replace(dtype=dtype or self.dtype_policy.variable_dtype)
-        # As HF's TF port: the architecture is named without the "TF" prefix, so every framework reads it.
-        config.extra["architectures"] = [type(self).__name__.removeprefix("TF")]
-        config.save_pretrained(folder)
-        if getattr(self, "generation_config", None) is not None:
-            self.generation_config.save_pretrained(folder)
-        return save_checkpoint(
+        return core_pretrained.save_pretrained(
+            save_directory,
             self.canonical_state(lazy=True),
-            folder,
-            config,
+            self.config,
             self.head,
-            fmt=fmt,
+            # As HF's TF port: the architecture is named without the "TF" prefix, so every framework reads it.
+            architecture=type(self).__name__.removeprefix("TF"),
+            generation_config=getattr(self, "generation_config", None),
+            fmt=core_pretrained.save_format(safe_serialization, fmt, native="tf", safe_by_default=False),
             max_shard_size=max_shard_size,
             dtype=dtype,
         )

@@ -1,0 +1,91 @@
+"""The decode-time layout of the dense kernels: [out, in] copies that XLA CPU's matrix-vector products read faster.
+
+Siblings: `opt_flax` decodes with the same layout (a `kernel_t` view of its params); `opt_torch` needs none (its
+weights are stored [out, in]). Whether the copy pays is decided once for both, in
+`opt_core.generation.decode_layout_pays`: on CPUs, up to `DECODE_LAYOUT_MAX_BYTES` of kernels.
+
+Measured on the 2-core AVX-512 CPU this project benchmarks on, for the 24 fc1/fc2 products of an opt-125m step at
+batch 1 in one XLA program: [in, out] 11.9 ms without biases, [out, in] 10.0 ms; adding the biases costs 3-5 ms more
+whatever the layout, because XLA CPU output-fuses each bias add into its matrix-vector product and emits the pair as
+a slow loop; a bias column read by the product itself (the input gets a trailing 1) takes 9.9 ms. So a `DecodeLayout`
+holds, per `OPTDense` layer, its kernel transposed to [out, in] (torch's layout) with the bias appended as a last
+column ([out, in + 1]).
+
+`generate` keeps one `DecodeLayout` per model, refreshes it from the layers' weights before every call (one transposed
+copy, so never stale after training or loading) and calls the model with `decode_layout=<it>` inside its compiled
+programs. `decode_layout` is a Keras call-context argument (as `training` is): Keras hands it to every `OPTDense` the
+call reaches, without the layers in between passing it on. Any other call leaves it None, and the layers read
+`kernel` and `bias` as usual. Memory: a second copy of every dense kernel (340 MB for opt-125m in fp32), kept while
+the model lives.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from opt_core.generation import decode_layout_pays  # noqa: E402
+
+
+class OPTDense(keras.layers.Dense):
+    """`keras.layers.Dense` that reads its [out, in] kernel from a `DecodeLayout` when a call passes one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._register_call_context_args("decode_layout")
+
+    def call(self, inputs, decode_layout: DecodeLayout | None = None):
+        kernel = decode_layout.kernel(self) if decode_layout is not None else None
+        if kernel is None:
+            return super().call(inputs)
+        kernel = tf.cast(kernel, inputs.dtype)  # out in(+1)
+        batch_shape = tf.shape(inputs)[:-1]
+        flat = tf.reshape(inputs, (-1, inputs.shape[-1]))  # N in
+        if self.use_bias:
+            flat = tf.concat([flat, tf.ones_like(flat[:, :1])], axis=1)  # N in+1: the 1 picks up the bias column
+        # kernel @ flat^T, then transposed back: XLA then contracts the kernel's last dimension in place, where
+        # `matmul(flat, kernel, transpose_b=True)` adds a transpose of the kernel that XLA CPU fuses into a loop.
+        outputs = tf.transpose(tf.matmul(kernel, flat, transpose_b=True))  # N out
+        return tf.reshape(outputs, tf.concat([batch_shape, [self.units]], axis=0))
+
+
+def dense_layers(model: keras.layers.Layer) -> list[OPTDense]:
+    """The model's built `OPTDense` layers."""
+    return [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, OPTDense) and layer.built]
+
+
+class DecodeLayout:
+    """The [out, in] kernels (bias as a last column) of a model's dense layers, read inside `generate`'s programs.
+
+    Holds one non-trainable `tf.Variable` per layer, outside Keras' tracking: never in `model.weights`, a weights
+    file or a SavedModel. Programs traced with it read the variables, so `refresh` reaches them without a retrace.
+    """
+
+    def __init__(self):
+        self.kernels: dict[OPTDense, tf.Variable] = {}
+
+    @staticmethod
+    def pays(layers: list[OPTDense]) -> bool:
+        """Whether decoding should read the copy: on CPU, for kernels up to DECODE_LAYOUT_MAX_BYTES."""
+        on_cpu = not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+        nbytes = sum(int(np.prod(layer.kernel.shape)) * tf.as_dtype(layer.kernel.dtype).size for layer in layers)
+        return decode_layout_pays(nbytes, on_cpu)
+
+    def refresh(self, layers: list[OPTDense]) -> None:
+        """(Re)writes every layer's [out, in] kernel from its current weights (eagerly, before any program runs)."""
+        for layer in layers:
+            kernel = tf.transpose(layer.kernel)  # out in
+            if layer.use_bias:
+                kernel = tf.concat([kernel, tf.cast(layer.bias, kernel.dtype)[:, None]], axis=1)  # out in+1
+            if layer in self.kernels:
+                self.kernels[layer].assign(kernel)
+            else:
+                self.kernels[layer] = tf.Variable(kernel, trainable=False, name=f"{layer.name}_decode_kernel")
+
+    def kernel(self, layer: OPTDense) -> tf.Variable | None:
+        return self.kernels.get(layer)
