@@ -297,29 +297,29 @@ class GenerationCall:
 
 
 def prepare_generation(
-    model_config,
-    model_generation_config: GenerationConfig | None,
+    model: Any,
     input_ids: Any,
     attention_mask: Any,
-    *,
     generation_config: GenerationConfig | None = None,
     streamer: Any = None,
     seed: int | None = None,
     tokenizer: Any = None,
+    /,
     **kwargs: Any,
 ) -> GenerationCall:
     """Everything `generate` does before its loop, for every framework: options, prompt checks and expansion,
     lengths, stop strings and the seeded draws. Arrays in and out are host numpy arrays.
 
     Args:
-        model_config: the model's OPTConfig (special ids, max_position_embeddings, vocab).
-        model_generation_config: the model's own GenerationConfig (generation_config.json), if any.
+        model: the model: its `config` (special ids, max_position_embeddings, vocab) and its own
+            `generation_config` (generation_config.json), if any.
         input_ids: B T0 prompt ids (or T0); a lone bos token when None.
         attention_mask: B T0, 0 for padding; all ones when None.
         generation_config: replaces the model's for this call.
         streamer, seed, tokenizer: as `generate`'s.
         **kwargs: GenerationConfig fields for this call; an unknown one raises, naming it.
     """
+    model_config, model_generation_config = model.config, getattr(model, "generation_config", None)
     base = generation_config or model_generation_config or GenerationConfig.from_model_config(model_config)
     config = base.updated(**kwargs)
     if input_ids is None:

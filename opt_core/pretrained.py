@@ -67,27 +67,30 @@ def load_pretrained(
     name_or_path: str | os.PathLike,
     head: str,
     *,
+    seed: int | None = 0,
     config: OPTConfig | None = None,
     fmt: str | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
     token: str | bool | None = None,
-    seed: int | None = 0,
-    config_overrides: Mapping[str, Any] | None = None,
+    **config_overrides: Any,
 ) -> Loaded:
     """Reads everything a model of `head` needs from a local folder, the HF cache, or the hub.
+
+    Every framework's `from_pretrained` passes its loading options through here; these are the ones they share.
 
     Args:
         name_or_path: a folder written by `save_pretrained` (any framework, or HF), or a hub id.
         head: "base", "causal_lm", "sequence_classification" or "question_answering".
-        config: use this config instead of the folder's config.json.
-        fmt: read this checkpoint format when the folder holds several.
-        revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
         seed: seeds the fresh initialisation of a task head the checkpoint lacks (None: unseeded).
-        config_overrides: config fields to override, as HF's keyword overrides (e.g. `num_labels=3`).
+        config: use this config instead of the folder's config.json.
+        fmt: read this checkpoint format ("safetensors", "pytorch", "tf", "flax") when the folder holds several.
+        revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
+        **config_overrides: config fields to override, as HF's keyword overrides (e.g. `num_labels=3`); a keyword
+            that is no config field raises TypeError, naming it.
     """
-    overrides = dict(config_overrides or {})
+    overrides = dict(config_overrides)
     check_overrides(overrides, "from_pretrained")
     folder = resolve_model(
         name_or_path,

@@ -188,45 +188,28 @@ class FlaxPreTrainedOPT:
         cls,
         name_or_path: str | os.PathLike,
         *,
-        config: OPTConfig | None = None,
         dtype: Any = None,
         param_dtype: Any = None,
         mesh: jax.sharding.Mesh | None = None,
         seed: int = 0,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool | None = None,
-        token: str | bool | None = None,
-        fmt: str | None = None,
-        **config_overrides: Any,
+        **kwargs: Any,
     ):
         """Loads a model from a local folder, the HF cache, or the hub, in any checkpoint format.
 
         Args:
             name_or_path: a folder written by `save_pretrained` (here, by HF, or by opt_torch / opt_tf), or a hub id.
-            config: use this config instead of the folder's config.json.
             dtype: the compute dtype: float32 by default whatever the checkpoint stores; "auto" keeps the stored
                 dtype; float16 / bfloat16.
             param_dtype: the params' dtype, float32 by default; "auto" keeps the stored dtype.
             mesh: a `jax.sharding.Mesh` with axes ("data", "model"): each param is placed on its shards as it is
                 read (`opt_flax.sharding.partition_specs`), never whole on one device.
             seed: the seed of task-head params the checkpoint lacks (initialised freshly, with a warning).
-            revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
-            fmt: read this checkpoint format ("safetensors", "pytorch", "tf", "flax") when the folder has several.
-            **config_overrides: config fields to override, as HF (e.g. `num_labels=3`).
+            **kwargs: the loading options every framework shares (`opt_core.pretrained.load_pretrained`): `config`
+                (instead of the folder's config.json), `fmt` (the format to read when the folder holds several),
+                `revision`, `cache_dir`, `local_files_only`, `token` (huggingface_hub, for hub ids), and config
+                fields to override as HF does (e.g. `num_labels=3`).
         """
-        loaded = load_pretrained(
-            name_or_path,
-            cls.head,
-            config=config,
-            fmt=fmt,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-            seed=seed,
-            config_overrides=config_overrides,
-        )
+        loaded = load_pretrained(name_or_path, cls.head, seed=seed, **kwargs)
         config, stored = loaded.config, loaded.stored_dtype
         model = cls(config, resolve_dtype(dtype, stored), resolve_dtype(param_dtype, stored), _do_init=False)
         shardings = flat_shardings(config, cls.head, mesh) if mesh is not None else None

@@ -629,15 +629,7 @@ class GenerationMixin:
             **kwargs: GenerationConfig fields, e.g. max_new_tokens=50, do_sample=True, top_p=0.9.
         """
         call = prepare_generation(
-            self.config,
-            self.generation_config,
-            input_ids,
-            attention_mask,
-            generation_config=generation_config,
-            streamer=streamer,
-            seed=seed,
-            tokenizer=tokenizer,
-            **kwargs,
+            self, input_ids, attention_mask, generation_config, streamer, seed, tokenizer, **kwargs
         )
         if call.nothing_to_generate:
             return call.prompt_only()

@@ -146,38 +146,22 @@ class PreTrainedOPT(keras.Model):
         cls,
         name_or_path: str | os.PathLike,
         *,
-        config: OPTConfig | None = None,
         dtype: Any = None,
-        fmt: str | None = None,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool | None = None,
-        token: str | bool | None = None,
-        **config_overrides: Any,
+        **kwargs: Any,
     ):
         """Loads a model from a local folder, the HF cache, or the hub, from any format opt_core reads.
 
         Args:
             name_or_path: a folder written by `save_pretrained` (in any framework, or by HF), or a hub id.
-            config: use this config instead of the folder's config.json.
             dtype: float32 by default, whatever the checkpoint stores; "auto" keeps the stored dtype; "float16",
                 "bfloat16", or a mixed policy ("mixed_bfloat16": float32 variables, bfloat16 compute).
-            fmt: read this format ("safetensors", "pytorch", "tf", "flax") when the folder holds several.
-            revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
-            **config_overrides: config fields to override, as HF (e.g. `num_labels=3`).
+            **kwargs: the loading options every framework shares (`opt_core.pretrained.load_pretrained`): `config`
+                (instead of the folder's config.json), `fmt` (the format to read when the folder holds several),
+                `revision`, `cache_dir`, `local_files_only`, `token` (huggingface_hub, for hub ids), and config
+                fields to override as HF does (e.g. `num_labels=3`).
         """
-        loaded = core_pretrained.load_pretrained(
-            name_or_path,
-            cls.head,
-            config=config,
-            fmt=fmt,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-            seed=int(np.random.randint(2**31 - 1)),  # keras.utils.set_random_seed controls a fresh head's init
-            config_overrides=config_overrides,
-        )
+        seed = int(np.random.randint(2**31 - 1))  # keras.utils.set_random_seed controls a fresh head's init
+        loaded = core_pretrained.load_pretrained(name_or_path, cls.head, seed=seed, **kwargs)
         dtype = resolve_dtype(dtype, loaded.stored_dtype, allowed=POLICIES)
         model = cls(loaded.config, initializer=keras.initializers.Zeros(), dtype=dtype)
         model._assign(loaded.tensors)

@@ -143,17 +143,8 @@ class GenerationMixin:
             compile: run the decode step through `torch.compile` (one compilation per batch size and length).
             **kwargs: GenerationConfig fields, e.g. max_new_tokens=50, do_sample=True, top_p=0.9.
         """
-        call = prepare_generation(
-            self.config,
-            self.generation_config,
-            _host(input_ids),
-            _host(attention_mask),
-            generation_config=generation_config,
-            streamer=streamer,
-            seed=seed,
-            tokenizer=tokenizer,
-            **kwargs,
-        )
+        prompt, mask = _host(input_ids), _host(attention_mask)
+        call = prepare_generation(self, prompt, mask, generation_config, streamer, seed, tokenizer, **kwargs)
         if call.nothing_to_generate:
             return torch.from_numpy(call.prompt_only()).to(self.device)
         return LOOPS[call.options.strategy](self, self._step_function(compile), call)

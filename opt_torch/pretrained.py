@@ -136,43 +136,27 @@ class PreTrainedOPT(nn.Module):
         cls,
         name_or_path: str | os.PathLike,
         *,
-        config: OPTConfig | None = None,
         dtype: Any = None,
         torch_dtype: Any = None,
         attn_implementation: str = "sdpa",
         device: str | torch.device | None = None,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool | None = None,
-        token: str | bool | None = None,
-        fmt: str | None = None,
-        **config_overrides: Any,
+        **kwargs: Any,
     ):
         """Loads a model from a local folder, the HF cache, or the hub.
 
         Args:
             name_or_path: a folder written by `save_pretrained` (here or by HF), or a hub id.
-            config: use this config instead of the folder's config.json.
             dtype: float32 by default, whatever the checkpoint stores; "auto" keeps the stored dtype;
                 float16 / bfloat16. `torch_dtype` is an alias.
             attn_implementation: "sdpa" (default) or "eager".
             device: where to put the weights (default CPU).
-            revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
-            fmt: read this checkpoint format ("safetensors", "pytorch", "tf", "flax") when the folder has several.
-            **config_overrides: config fields to override, as HF (e.g. `num_labels=3`).
+            **kwargs: the loading options every framework shares (`opt_core.pretrained.load_pretrained`): `config`
+                (instead of the folder's config.json), `fmt` (the format to read when the folder holds several),
+                `revision`, `cache_dir`, `local_files_only`, `token` (huggingface_hub, for hub ids), and config
+                fields to override as HF does (e.g. `num_labels=3`).
         """
-        loaded = core.load_pretrained(
-            name_or_path,
-            cls.head,
-            config=config,
-            fmt=fmt,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-            seed=int(torch.randint(2**31 - 1, ()).item()),  # torch.manual_seed controls a fresh head's init
-            config_overrides=config_overrides,
-        )
+        seed = int(torch.randint(2**31 - 1, ()).item())  # torch.manual_seed controls a fresh head's init
+        loaded = core.load_pretrained(name_or_path, cls.head, seed=seed, **kwargs)
         target = resolve_dtype(dtype if dtype is not None else torch_dtype, loaded.stored_dtype)
         with torch.device("meta"):
             model = cls(loaded.config)
