@@ -17,16 +17,11 @@ from conftest import HEADS, VARIANTS, assert_close_on_real_tokens, make_hf_model
 from frameworks import TorchAdapter, torch_call
 
 from opt_core.errors import InputError
+from opt_core.formats import FORMATS
 
 # Where cached decoding splits a 12-token batch: the points the per-framework copies of the test drew at random
 # (np.random.default_rng(7); torch took three, TF and Flax two), all of them for every framework.
 SPLITS = [6, 7, 8, 9]
-WEIGHTS_FILE = {  # HF's file names
-    "safetensors": "model.safetensors",
-    "pytorch": "pytorch_model.bin",
-    "tf": "tf_model.h5",
-    "flax": "flax_model.msgpack",
-}
 
 
 def only(*names):
@@ -248,7 +243,7 @@ def test_fresh_init_is_hfs(framework):
 def test_every_format_round_trips_bit_exact(framework, loaded, tmp_path, fmt, variant):
     ours, _ = loaded(variant)
     files = ours.save_pretrained(tmp_path, fmt=fmt, max_shard_size="8KB")
-    assert (tmp_path / f"{WEIGHTS_FILE[fmt]}.index.json") in files and len(files) > 2  # sharded
+    assert (tmp_path / FORMATS[fmt].index_name) in files and len(files) > 2  # sharded
     state = framework.state(ours)
     assert_states_equal(framework.state(framework.load(tmp_path)), state)
     if fmt in ("safetensors", "pytorch"):  # the torch implementation reads them the same
@@ -334,3 +329,12 @@ def test_bad_cache_inputs_raise_clear_errors(framework, loaded):
     big = ours.init_cache(1, 48)  # longer than the position table
     with pytest.raises(InputError, match="max_position_embeddings=40"):
         framework(ours, np.full((1, 41), 5), past_key_values=big)
+
+
+def test_an_unknown_loading_option_is_refused_by_name(framework, hf_checkpoint):
+    """HF keeps an unknown keyword as a config attribute; here it is refused, so a typo or an option this library
+    lacks (tensor parallelism's tp_plan) never loads silently into something else."""
+    folder, _ = hf_checkpoint("pre_ln")
+    with pytest.raises(TypeError, match="tp_plan"):
+        framework.load(folder, tp_plan="auto")
+    assert framework.load(folder, dropout=0.25).config.dropout == 0.25  # a config field is an override, as in HF
