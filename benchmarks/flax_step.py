@@ -4,7 +4,7 @@
 
 Times (best of several) `generate` with 128 new tokens, as `benchmarks/decode.py` does, without the other
 frameworks; `--stored` decodes with the params as stored ([in, out] kernels) instead of the decode-time view
-(`opt_flax.generation.decode_params`, [out, in] kernels).
+(`opt_flax.decode_layout.decode_params`, [out, in] kernels).
 """
 
 from __future__ import annotations

@@ -40,8 +40,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import io_callback
 
-from opt_core.generation import DecodeOptions, GenerationConfig, StopStrings, decode_layout_pays, prepare_generation
+from opt_core.generation import DecodeOptions, GenerationConfig, StopStrings, prepare_generation
 from opt_flax.cache import KVCache
+from opt_flax.decode_layout import DecodeLayout
 
 TRACES: collections.Counter = collections.Counter()  # loop name -> times traced (a retrace means a recompile)
 
@@ -462,29 +463,6 @@ LOOPS = {"sample": sample_or_greedy, "contrastive": contrastive_search, "beam": 
 _DECODING_FUNCTIONS: dict[tuple, object] = {}  # (strategy, module class, config, dtypes) -> the jitted loop
 
 
-def decode_params(params):
-    """The params with every 2-D dense `kernel` ([in, out]) replaced by `kernel_t` ([out, in]), which
-    `opt_flax.modeling.OPTDense` contracts on its last dimension.
-
-    Costs a transposed copy of those kernels (for opt-125m 85M floats, 340 MB in fp32) while the view is kept
-    (`GenerationMixin._decode_params` keeps it on the model); the originals are unchanged. Embedding tables are
-    already [V, E] and are left alone.
-    """
-
-    def convert(tree):
-        if not isinstance(tree, dict):
-            return tree
-        out = {}
-        for name, value in tree.items():
-            if name == "kernel" and getattr(value, "ndim", 0) == 2:
-                out["kernel_t"] = jnp.swapaxes(value, 0, 1)
-            else:
-                out[name] = convert(value)
-        return out
-
-    return convert(flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params)
-
-
 class GenerationMixin:
     """`generate()` for FlaxOPTForCausalLM, with HF's arguments and HF PyTorch's return value."""
 
@@ -530,19 +508,11 @@ class GenerationMixin:
         return np.asarray(sequences[:, : int(length)], dtype=np.int64)
 
     def _decode_params(self, params):
-        """The params with dense kernels stored [out, in] (`decode_params`) where that layout pays
-        (`opt_core.generation.decode_layout_pays`: on CPUs, up to DECODE_LAYOUT_MAX_BYTES of parameters).
-
-        Built once and kept on the model while the same arrays are passed (JAX arrays are immutable, so their
-        identity is the key), so the model holds a transposed copy of its dense kernels (340 MB for opt-125m in
-        fp32) after its first `generate`; passing other params rebuilds it and frees the previous copy."""
-        leaves = tuple(jax.tree.leaves(params))
-        if not decode_layout_pays(sum(leaf.nbytes for leaf in leaves), on_cpu=jax.default_backend() == "cpu"):
-            return params
-        cached = getattr(self, "_decode_params_cache", None)
-        if cached is None or len(cached[0]) != len(leaves) or any(a is not b for a, b in zip(cached[0], leaves)):
-            cached = self._decode_params_cache = (leaves, decode_params(params))  # the leaves keep their ids valid
-        return cached[1]
+        """The params `generate` decodes with: `opt_flax.decode_layout`'s [out, in] view where it pays, kept on the
+        model while the same arrays are passed."""
+        if getattr(self, "_decode_layout", None) is None:
+            self._decode_layout = DecodeLayout()
+        return self._decode_layout.params_for(params)
 
     def _decoding_function(self, strategy: str):
         """The jitted loop, made once per strategy and model configuration (so a reloaded model reuses it): jit's

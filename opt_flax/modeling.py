@@ -92,7 +92,7 @@ class OPTDense(nn.Dense):
     If the params hold `kernel_t` ([out, in], torch's layout) instead of `kernel`, the product contracts the last
     dimension of both operands. Measured on the 2-core AVX-512 CPU this project benchmarks on: XLA CPU's
     matrix-vector products read an [out, in] matrix faster (a jitted chain of one opt-125m step's GEMVs: 20.2 ms
-    instead of 23.4 ms), so `generate` decodes with that view (`opt_flax.generation.decode_params`, built once
+    instead of 23.4 ms), so `generate` decodes with that view (`opt_flax.decode_layout.decode_params`, built once
     per params).
     """
 
