@@ -16,7 +16,7 @@ import numpy as np
 
 from opt_core.config import OPTConfig
 from opt_core.dtypes import to_numpy_dtype
-from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, get_format, read_checkpoint, storable_tensors, write_tensors
+from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, get_format, read_checkpoint, write_tensors
 from opt_core.weights import MatchResult, match_checkpoint, to_file_tensors
 
 
@@ -37,6 +37,7 @@ def save_checkpoint(
     fmt: str = "safetensors",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dtype: str | np.dtype | None = None,
+    text_files: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Writes canonical tensors as HF names them in `fmt`, sharded above `max_shard_size`; returns the files.
 
@@ -47,7 +48,10 @@ def save_checkpoint(
         fmt: a key of `opt_core.formats.FORMATS`.
         max_shard_size: shard above this size ("5GB" = 5 * 10**9 bytes, "5GiB" = 5 * 2**30).
         dtype: cast every tensor to this dtype on the way out, one tensor at a time.
+        text_files: {file name: text} renamed into place with the weights (`opt_core.formats.write_tensors`).
     """
     tensors = to_file_tensors(canonical, config, head, get_format(fmt).style)
-    tensors = storable_tensors(tensors, fmt, to_numpy_dtype(dtype) if dtype is not None else None)
-    return write_tensors(tensors, folder, fmt, head=head, max_shard_size=max_shard_size)
+    target = to_numpy_dtype(dtype) if dtype is not None else None
+    return write_tensors(
+        tensors, folder, fmt, head=head, max_shard_size=max_shard_size, dtype=target, text_files=text_files
+    )

@@ -32,7 +32,7 @@ def check_dtype(dtype: Any, allowed=tuple(FLOAT_DTYPES)) -> str:
     """The name of a supported dtype; a ValueError naming the choices otherwise."""
     name = dtype_name(dtype)
     if name not in allowed:
-        raise ValueError(f"unsupported dtype {dtype!r}; use 'auto' or one of {', '.join(allowed)}")
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(allowed)}")
     return name
 
 
@@ -44,7 +44,10 @@ def resolve_dtype(dtype: Any, stored: Any = None, allowed=tuple(FLOAT_DTYPES)) -
     if isinstance(dtype, str) and dtype == "auto":
         name = dtype_name(stored) if stored is not None else "float32"
         return name if name in allowed else "float32"
-    return check_dtype(dtype, allowed)
+    try:
+        return check_dtype(dtype, allowed)
+    except ValueError:
+        raise ValueError(f"unsupported dtype {dtype!r}; use 'auto' or one of {', '.join(allowed)}") from None
 
 
 def to_numpy_dtype(dtype: Any) -> np.dtype:

@@ -1,7 +1,7 @@
 """Flax's msgpack checkpoint format (`flax_model.msgpack`), read and written without jax or flax.
 
-Siblings: `opt_core.keras_h5` (HF's `tf_model.h5`) and the safetensors / `pytorch_model.bin` code in
-`opt_core.checkpoint`. The framework packages never parse files themselves; they call these.
+Siblings: `opt_core.keras_h5` (HF's `tf_model.h5`), `opt_core.safetensors_file` and `opt_core.torch_pickle`, each
+one format of the registry in `opt_core.formats`. The framework packages never parse files themselves.
 
 On-disk format (flax `flax/serialization.py`, `to_bytes` / `msgpack_serialize` / `msgpack_restore`)
 ------------------------------------------------------------------------------------------------
@@ -68,11 +68,9 @@ import msgpack
 import numpy as np
 
 from opt_core.errors import CheckpointError
-from opt_core.files import atomic_path, check_not_lfs_pointer, read_index
+from opt_core.files import check_not_lfs_pointer, read_index
 
 __all__ = [
-    "FLAX_WEIGHTS_INDEX_NAME",
-    "FLAX_WEIGHTS_NAME",
     "MAX_CHUNK_SIZE",
     "flatten",
     "read_msgpack",
@@ -81,8 +79,6 @@ __all__ = [
     "write_msgpack",
 ]
 
-FLAX_WEIGHTS_NAME = "flax_model.msgpack"
-FLAX_WEIGHTS_INDEX_NAME = "flax_model.msgpack.index.json"
 
 # flax.serialization.MAX_CHUNK_SIZE: msgpack's hard limit is 2**31 - 1 bytes per object, flax keeps
 # a margin. Read at call time, so tests can shrink it (as they shrink flax's) to exercise chunking.
@@ -304,13 +300,13 @@ def write_msgpack(tree: dict, path: str | os.PathLike, *, sort_keys: bool = Fals
 
     Args:
         tree: Nested dict of arrays (see `encode_msgpack` for accepted leaves).
-        path: Destination file; replaced atomically.
+        path: Destination file (`opt_core.formats` stages it under a temporary name).
         sort_keys: See `encode_msgpack`.
     """
     state = _chunk_leaves(_to_state_dict(tree, "", sort_keys))
     packer = msgpack.Packer(default=_ext_pack, strict_types=True)
-    # A crash mid-write must not leave a truncated checkpoint under the real name.
-    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+    # Written directly: `opt_core.formats` gives the file a temporary name and renames it once complete.
+    with open(path, "wb") as file:
         _pack_into(file, state, packer)
 
 

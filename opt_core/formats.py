@@ -20,11 +20,10 @@ holds exactly one checkpoint, the one just written; what was removed is logged.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import ml_dtypes
@@ -261,7 +260,8 @@ def read_checkpoint(path: str | os.PathLike, fmt: str | None = None) -> tuple[st
 
 
 class _Staging:
-    """New files written under temporary names, renamed into place together once all are complete."""
+    """New files written under temporary names, renamed into place together once all are complete; on an error
+    the temporary files are removed and the folder is as it was."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -272,23 +272,17 @@ class _Staging:
         self.staged.append((temporary_path(final), final))
         return self.staged[-1][0]
 
-    def commit(self) -> None:
-        for tmp, final in self.staged:
-            os.replace(tmp, final)
+    def __enter__(self) -> _Staging:
+        return self
 
-    def discard(self) -> None:
-        for tmp, _ in self.staged:
-            tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _staging(folder: Path) -> Iterator[_Staging]:
-    staging = _Staging(folder)
-    try:
-        yield staging
-        staging.commit()
-    finally:
-        staging.discard()
+    def __exit__(self, error_type, error, traceback) -> None:
+        try:
+            if error_type is None:
+                for tmp, final in self.staged:
+                    os.replace(tmp, final)
+        finally:
+            for tmp, _ in self.staged:
+                tmp.unlink(missing_ok=True)
 
 
 def storable_tensors(tensors: Mapping[str, np.ndarray], fmt: str, dtype: np.dtype | None = None):
@@ -311,12 +305,14 @@ def write_tensors(
     *,
     head: str = "causal_lm",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: np.dtype | None = None,
+    text_files: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Writes tensors (named as `fmt` names them) into `folder`, sharded above `max_shard_size`, as HF does.
 
-    Every file is written under a temporary name and renamed into place; then the weight files of an earlier
-    save that the new one does not overwrite are removed (see the module docstring). Returns the files written:
-    the single file, or the shards in order followed by the index.
+    Every file is written under a temporary name and renamed into place once all are complete; then the weight
+    files of an earlier save that the new one does not overwrite are removed (see the module docstring). Returns
+    the weight files written: the single file, or the shards in order followed by the index.
 
     Args:
         tensors: {name: array or LazyTensor} in the order HF writes them.
@@ -324,14 +320,18 @@ def write_tensors(
         fmt: a key of `FORMATS`.
         head: the model's head ("base", "causal_lm", ...): TF files carry HF's instance name for it.
         max_shard_size: bytes, or a size such as "5GB" (10**9) or "5GiB" (2**30).
+        dtype: cast every tensor to this dtype on the way out, one tensor at a time.
+        text_files: {file name: text} written with the weights and renamed into place with them (config.json,
+            generation_config.json), so a failed save changes none of them.
     """
     entry = get_format(fmt)
     folder = Path(folder)
+    tensors = storable_tensors(tensors, fmt, dtype)
+    max_bytes = parse_size(max_shard_size)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = storable_tensors(tensors, fmt)
     sizes = {name: int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize for name, array in tensors.items()}
-    shards = plan_shards(sizes, parse_size(max_shard_size), close_empty=entry.closes_empty_shard)
-    with _staging(folder) as staging:
+    shards = plan_shards(sizes, max_bytes, close_empty=entry.closes_empty_shard)
+    with _Staging(folder) as staging:
         if len(shards) == 1:
             names = [entry.weights_name]
             entry.write_file(tensors, staging.path(entry.weights_name), head)
@@ -343,6 +343,8 @@ def write_tensors(
                 weight_map.update({entry.index_key(k, head): name for k in members})
             staging.path(entry.index_name).write_text(index_json_text(sum(sizes.values()), weight_map))
             names.append(entry.index_name)
+        for name, text in (text_files or {}).items():
+            staging.path(name).write_text(text, encoding="utf-8")
     remove_other_weights(folder, keep=set(names))
     return [folder / name for name in names]
 

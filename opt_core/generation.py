@@ -106,9 +106,12 @@ class GenerationConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**out, **self.extra}
 
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / GENERATION_CONFIG_NAME
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, self.to_json_string())
         return path
 
     def updated(self, **kwargs: Any) -> GenerationConfig:
@@ -200,9 +203,6 @@ class DecodeOptions:
     def statics(self) -> DecodeOptions:
         """A copy with the traced fields set to None: hashable, the key of a compiled program."""
         return dataclasses.replace(self, **dict.fromkeys(self.TRACED))
-
-    def __hash__(self) -> int:
-        return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.TRACED))
 
 
 def decode_options(

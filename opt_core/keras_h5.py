@@ -1,7 +1,8 @@
 """HF's TensorFlow checkpoint format (`tf_model.h5`, Keras-2 HDF5 weights), read/written with h5py.
 
-Siblings: `opt_core.flax_msgpack` (HF's `flax_model.msgpack`) and the safetensors /
-`pytorch_model.bin` code in `opt_core.checkpoint`. Nothing here imports tensorflow or keras.
+Siblings: `opt_core.flax_msgpack` (HF's `flax_model.msgpack`), `opt_core.safetensors_file` and
+`opt_core.torch_pickle`, each one format of the registry in `opt_core.formats`. Nothing here imports tensorflow
+or keras.
 
 Weight names
 ------------
@@ -62,13 +63,11 @@ import h5py
 import numpy as np
 
 from opt_core.errors import CheckpointError
-from opt_core.files import atomic_path, check_not_lfs_pointer, read_head, read_index
+from opt_core.files import check_not_lfs_pointer, read_head, read_index
 from opt_core.flax_msgpack import unflatten
 
 __all__ = [
     "HDF5_OBJECT_HEADER_LIMIT",
-    "TF2_WEIGHTS_INDEX_NAME",
-    "TF2_WEIGHTS_NAME",
     "H5Weights",
     "read_h5",
     "read_h5_sharded",
@@ -76,8 +75,6 @@ __all__ = [
     "write_h5_shard",
 ]
 
-TF2_WEIGHTS_NAME = "tf_model.h5"
-TF2_WEIGHTS_INDEX_NAME = "tf_model.h5.index.json"
 # What tf-keras writes into the root attributes; HF never reads them.
 KERAS_BACKEND = "tensorflow"
 KERAS_VERSION = "2.21.0"
@@ -306,8 +303,8 @@ def _save_subset(group: h5py.Group, items: list[tuple[str, np.ndarray]]) -> None
 
 @contextlib.contextmanager
 def _create(path: Path) -> Iterator[h5py.File]:
-    # Written under a temporary name and renamed, so a crash never leaves a half-written checkpoint.
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    # Written directly: `opt_core.formats` gives the file a temporary name and renames it once complete.
+    with h5py.File(path, "w") as f:
         yield f
 
 
@@ -318,7 +315,7 @@ def write_h5(weights: Mapping[str, object], path: str | os.PathLike, instance_na
         weights: Name without instance (`model/decoder/layers.0/fc1/kernel:0`) -> array. The first
             `/` component is the top-level Keras layer; layers are listed in first-seen order and
             weights in the given order.
-        path: Destination file; replaced atomically.
+        path: Destination file (`opt_core.formats` stages it under a temporary name).
         instance_name: Leading name component to write, e.g. `tfopt_for_causal_lm`.
 
     Raises:
@@ -353,7 +350,7 @@ def write_h5_shard(weights: Mapping[str, object], path: str | os.PathLike, insta
 
     Args:
         weights: Names without instance, as for `write_h5`.
-        path: Destination file; replaced atomically.
+        path: Destination file (`opt_core.formats` stages it under a temporary name).
         instance_name: Leading name component, e.g. `tfopt_for_causal_lm`.
     """
     arrays = _checked(weights, instance_name)

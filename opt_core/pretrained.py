@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from opt_core.checkpoint import load_checkpoint, save_checkpoint
-from opt_core.config import OPTConfig
+from opt_core.config import CONFIG_NAME, OPTConfig
 from opt_core.dtypes import check_dtype, dtype_name
 from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, get_format
-from opt_core.generation import GenerationConfig, load_generation_config
+from opt_core.generation import GENERATION_CONFIG_NAME, GenerationConfig, load_generation_config
 from opt_core.hub import resolve_model
 from opt_core.weights import fresh_parameter
 
@@ -67,7 +67,7 @@ def load_pretrained(
     name_or_path: str | os.PathLike,
     head: str,
     *,
-    seed: int | None = 0,
+    seed: int | Callable[[], int] | None = 0,
     config: OPTConfig | None = None,
     fmt: str | None = None,
     revision: str | None = None,
@@ -83,7 +83,9 @@ def load_pretrained(
     Args:
         name_or_path: a folder written by `save_pretrained` (any framework, or HF), or a hub id.
         head: "base", "causal_lm", "sequence_classification" or "question_answering".
-        seed: seeds the fresh initialisation of a task head the checkpoint lacks (None: unseeded).
+        seed: seeds the fresh initialisation of a task head the checkpoint lacks (None: unseeded); a function is
+            called for the seed only then, so a framework can draw it from its own random state without using it
+            up on every load.
         config: use this config instead of the folder's config.json.
         fmt: read this checkpoint format ("safetensors", "pytorch", "tf", "flax") when the folder holds several.
         revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
@@ -106,9 +108,10 @@ def load_pretrained(
         config = config.replace(**overrides)
     match = load_checkpoint(folder, config, head, fmt=fmt)
     tensors = dict(match.tensors)
-    rng = np.random.default_rng(seed)
-    for spec in match.missing_head_params:  # a task head the checkpoint lacks starts fresh, as HF's does
-        tensors[spec.name] = fresh_parameter(spec, config, rng)
+    if match.missing_head_params:  # a task head the checkpoint lacks starts fresh, as HF's does
+        rng = np.random.default_rng(seed() if callable(seed) else seed)
+        for spec in match.missing_head_params:
+            tensors[spec.name] = fresh_parameter(spec, config, rng)
     stored = np.dtype(match.tensors[EMBED_TOKENS].dtype)
     return Loaded(folder, config, tensors, stored, load_generation_config(folder, config))
 
@@ -118,7 +121,7 @@ def save_format(safe_serialization: bool | None, fmt: str | None, native: str, s
 
     Args:
         safe_serialization: True writes safetensors, False the framework's own format; None its default.
-        fmt: any registry format, named explicitly; wins when given (and must agree with safe_serialization).
+        fmt: any registry format, named explicitly; when safe_serialization is given too, they must agree.
         native: the framework's own non-safetensors format ("pytorch", "tf" or "flax").
         safe_by_default: HF PyTorch saves safetensors by default; HF's TF and Flax ports their own format.
     """
@@ -155,11 +158,13 @@ def save_pretrained(
         max_shard_size: shard above this size ("5GB" = 5 * 10**9 bytes, "5GiB" = 5 * 2**30).
         dtype: cast the weights on the way out, one tensor at a time (default: as they are).
     """
-    folder = Path(folder)
     saved = check_dtype(dtype) if dtype is not None else dtype_name(canonical[EMBED_TOKENS].dtype)
     config = config.replace(dtype=saved)
     config.extra["architectures"] = [architecture]
-    config.save_pretrained(folder)
+    text_files = {CONFIG_NAME: config.to_json_string()}
     if generation_config is not None:
-        generation_config.save_pretrained(folder)
-    return save_checkpoint(canonical, folder, config, head, fmt=fmt, max_shard_size=max_shard_size, dtype=dtype)
+        text_files[GENERATION_CONFIG_NAME] = generation_config.to_json_string()
+    # The configs are renamed into place with the weights: a save that fails leaves the folder as it was.
+    return save_checkpoint(
+        canonical, folder, config, head, fmt=fmt, max_shard_size=max_shard_size, dtype=dtype, text_files=text_files
+    )

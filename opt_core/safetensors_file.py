@@ -15,7 +15,6 @@ import ml_dtypes
 import numpy as np
 
 from opt_core.errors import CheckpointError
-from opt_core.files import atomic_path
 
 _ST_DTYPES = {
     "F64": np.float64,
@@ -74,7 +73,10 @@ def _safetensors_view(path, name, info, data, data_start, size) -> np.ndarray:
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Writes a safetensors file with HF's `{"format": "pt"}` metadata, streaming one tensor at a time."""
+    """Writes a safetensors file with HF's `{"format": "pt"}` metadata, streaming one tensor at a time.
+
+    Writes `path` directly: `opt_core.formats` gives it a temporary name and renames it once complete.
+    """
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     names = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
@@ -90,7 +92,7 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # align the data to 8 bytes, as the reference writer does
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         f.write(len(header_bytes).to_bytes(8, "little"))
         f.write(header_bytes)
         for array in tensors.values():

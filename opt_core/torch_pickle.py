@@ -15,7 +15,7 @@ memory of about its largest non-contiguous tensor.
 In `load_objects` results torch dtypes read as strings such as "torch.float16", devices as strings
 such as "cuda:0", `torch.Size` as a tuple; numpy arrays and scalars in the pickle are rebuilt.
 
-`opt_core.checkpoint` uses this for `pytorch_model.bin` and `conversion` for metaseq `*.pt` files;
+`opt_core.formats` uses this for `pytorch_model.bin` and `conversion` for metaseq `*.pt` files;
 the framework packages never call it. The writer mirrors `torch.save`'s zip layout so that
 `torch.load(weights_only=True, mmap=True)` and HF transformers read its files.
 """

@@ -160,7 +160,8 @@ class PreTrainedOPT(keras.Model):
                 `revision`, `cache_dir`, `local_files_only`, `token` (huggingface_hub, for hub ids), and config
                 fields to override as HF does (e.g. `num_labels=3`).
         """
-        seed = int(np.random.randint(2**31 - 1))  # keras.utils.set_random_seed controls a fresh head's init
+        # keras.utils.set_random_seed controls a fresh head's init; the seed is drawn only when a head is missing.
+        seed = lambda: int(np.random.randint(2**31 - 1))  # noqa: E731
         loaded = core_pretrained.load_pretrained(name_or_path, cls.head, seed=seed, **kwargs)
         dtype = resolve_dtype(dtype, loaded.stored_dtype, allowed=POLICIES)
         model = cls(loaded.config, initializer=keras.initializers.Zeros(), dtype=dtype)

@@ -155,7 +155,8 @@ class PreTrainedOPT(nn.Module):
                 `revision`, `cache_dir`, `local_files_only`, `token` (huggingface_hub, for hub ids), and config
                 fields to override as HF does (e.g. `num_labels=3`).
         """
-        seed = int(torch.randint(2**31 - 1, ()).item())  # torch.manual_seed controls a fresh head's init
+        # torch.manual_seed controls a fresh head's init; the seed is drawn only when a head is missing.
+        seed = lambda: int(torch.randint(2**31 - 1, ()).item())  # noqa: E731
         loaded = core.load_pretrained(name_or_path, cls.head, seed=seed, **kwargs)
         target = resolve_dtype(dtype if dtype is not None else torch_dtype, loaded.stored_dtype)
         with torch.device("meta"):

@@ -20,7 +20,7 @@ from conftest import HEADS, VARIANTS, assert_close_on_real_tokens, sample_batch,
 
 import opt_tf  # noqa: E402
 import opt_torch  # noqa: E402
-from opt_core.checkpoint import read_checkpoint  # noqa: E402
+from opt_core.formats import read_checkpoint  # noqa: E402
 from opt_core.weights import parameter_specs  # noqa: E402
 from opt_tf.modeling import KVCache  # noqa: E402
 
