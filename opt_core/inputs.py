@@ -34,20 +34,12 @@ def validate_inputs(
     batch, length = batch_and_length
     if input_ids is not None:
         _check_token_ids(config, input_ids)
-    if attention_mask is not None:
-        want = (batch, past_length + length)
-        if tuple(attention_mask.shape) != want:
-            raise InputError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, but {length} new tokens in a batch "
-                f"of {batch} after {past_length} cached positions need shape {want}"
-            )
-        if not np.isin(attention_mask, (0, 1)).all():
-            raise InputError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    mask_shape = None if attention_mask is None else attention_mask.shape
+    position_shape = None if position_ids is None else position_ids.shape
+    check_shapes(mask_shape, position_shape, past_length, batch_and_length)
+    if attention_mask is not None and not np.isin(attention_mask, (0, 1)).all():
+        raise InputError("attention_mask must hold only 0 (padding) and 1 (real token)")
     if position_ids is not None:
-        if tuple(position_ids.shape) != (batch, length):
-            raise InputError(
-                f"position_ids has shape {tuple(position_ids.shape)}, expected {(batch, length)} like input_ids"
-            )
         last = int(position_ids.max(initial=-1))
         if int(position_ids.min(initial=0)) < -2:
             raise InputError(f"position_ids must be >= -2 (OPT looks positions up at +2), got {position_ids.min()}")
@@ -61,6 +53,25 @@ def validate_inputs(
             f"{config.max_position_embeddings}: inputs (cache included) may be at most "
             f"{config.max_position_embeddings} tokens long"
         )
+
+
+def check_shapes(mask_shape, position_shape, past_length: int, batch_and_length: tuple[int, int]) -> None:
+    """The shape checks alone, for where values are symbolic (inside a jit shapes are still static).
+
+    Args:
+        mask_shape, position_shape: the attention mask's and position_ids' shapes, or None.
+        past_length: positions already in the cache (0 without one); the mask covers them and the new tokens.
+        batch_and_length: (B, T) of the new tokens.
+    """
+    batch, length = batch_and_length
+    want = (batch, past_length + length)
+    if mask_shape is not None and tuple(mask_shape) != want:
+        raise InputError(
+            f"attention_mask has shape {tuple(mask_shape)}, but {length} new tokens in a batch "
+            f"of {batch} after {past_length} cached positions need shape {want}"
+        )
+    if position_shape is not None and tuple(position_shape) != (batch, length):
+        raise InputError(f"position_ids has shape {tuple(position_shape)}, expected {(batch, length)} like input_ids")
 
 
 def _check_token_ids(config: OPTConfig, input_ids: np.ndarray) -> None:

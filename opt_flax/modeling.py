@@ -37,9 +37,8 @@ import numpy as np
 from jax import lax
 
 from opt_core.config import OPTConfig
-from opt_core.errors import InputError
 from opt_core.heads import pools_last_position
-from opt_core.inputs import validate_inputs
+from opt_core.inputs import check_shapes, validate_inputs
 from opt_core.outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -327,19 +326,12 @@ def _validate(config, input_ids, attention_mask, position_ids, past_key_values, 
 
 def _check_shapes(attention_mask, position_ids, past_key_values, batch_and_length):
     """Shapes are static even inside a jit, so they are checked always (and a concrete cache's room)."""
-    batch, length = batch_and_length
     mask_shape = None if attention_mask is None else tuple(attention_mask.shape)
+    position_shape = None if position_ids is None else tuple(position_ids.shape)
     if past_key_values is not None:
         past_key_values.check(batch_and_length, mask_shape)  # HF Flax's contract: the mask covers every cache slot
-    elif mask_shape is not None and mask_shape != (batch, length):
-        raise InputError(
-            f"attention_mask has shape {mask_shape}, but {length} tokens in a batch of {batch} need shape "
-            f"{(batch, length)}"
-        )
-    if position_ids is not None and tuple(position_ids.shape) != (batch, length):
-        raise InputError(
-            f"position_ids has shape {tuple(position_ids.shape)}, expected {(batch, length)} like input_ids"
-        )
+        mask_shape = None
+    check_shapes(mask_shape, position_shape, 0, batch_and_length)
 
 
 class FlaxOPTModule(_OPTLinen):
