@@ -1,7 +1,7 @@
 """The static KV cache of the Flax models: preallocated per-layer keys and values plus the write index.
 
 Siblings: `opt_torch/cache.py` and `opt_tf/cache.py` hold the same cache in their frameworks; the checks against
-the inputs (`opt_core.inputs.check_static_cache`) are shared.
+the inputs and the sizes (`opt_core.cache.StaticCacheShape`) are shared.
 
 `KVCache` is a pytree (a `flax.struct.dataclass`), so it goes in and out of `jax.jit` and `lax.while_loop`. It is
 immutable, as everything in JAX: a forward writes each layer's new keys and values with `LayerCache.update` and
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from opt_core.cache import StaticCacheShape
 from opt_core.config import OPTConfig
-from opt_core.inputs import check_static_cache
 
 
 @flax.struct.dataclass
@@ -40,7 +40,7 @@ class LayerCache:
 
 
 @flax.struct.dataclass
-class KVCache:
+class KVCache(StaticCacheShape):
     """The static cache: per layer (k, v), each B S N H with S the cache length, and the write index."""
 
     key_values: tuple  # L of (k, v), each B S N H
@@ -53,22 +53,9 @@ class KVCache:
         return cls(layers, jnp.zeros((), jnp.int32))
 
     @property
-    def batch_size(self) -> int:
-        return self.key_values[0][0].shape[0]
-
-    @property
-    def max_length(self) -> int:
-        return self.key_values[0][0].shape[1]
-
-    @property
     def past_length(self) -> int | None:
         """Positions written so far, or None inside a jit (where the index is symbolic)."""
         return None if isinstance(self.index, jax.core.Tracer) else int(self.index)
-
-    def check(self, batch_and_length: tuple[int, int], mask_shape) -> None:
-        """Raises InputError unless T new tokens of a batch of B (and a B S mask) fit; shapes are checked even
-        inside a jit, the room only where the index is concrete."""
-        check_static_cache(self.batch_size, self.max_length, self.past_length, batch_and_length, mask_shape)
 
     def layer(self, i: int) -> LayerCache:
         return LayerCache(*self.key_values[i], self.index)

@@ -1,7 +1,7 @@
 """The key/value caches of the Keras models: objects that own their update.
 
 Siblings: `opt_torch/cache.py` and `opt_flax/cache.py` hold the same caches in their frameworks; the checks against
-the inputs (`opt_core.inputs.check_static_cache`) are shared.
+the inputs and the sizes (`opt_core.cache.StaticCacheShape`) are shared.
 
 Attention receives one layer's view (`cache.layer(i)`) as its `past_key_value` and calls `past_key_value.update(k,
 v)`, which returns all of that layer's keys and values so far. TF tensors are immutable, as JAX arrays: the decoder
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from opt_core.cache import StaticCacheShape
 from opt_core.config import OPTConfig
-from opt_core.inputs import check_static_cache
 
 
 def write_slots(cache: tf.Tensor, new: tf.Tensor, cache_index) -> tf.Tensor:
@@ -44,7 +44,7 @@ class LayerCache:
         return write_slots(self.k, k, self.index), write_slots(self.v, v, self.index)
 
 
-class KVCache:
+class KVCache(StaticCacheShape):
     """The static cache: per layer (k, v), each B S N H with S the cache length, and the write index."""
 
     def __init__(self, key_values: tuple, index):
@@ -58,22 +58,10 @@ class KVCache:
         return cls(layers, tf.zeros((), tf.int32))
 
     @property
-    def batch_size(self) -> int:
-        return self.key_values[0][0].shape[0]
-
-    @property
-    def max_length(self) -> int:
-        return self.key_values[0][0].shape[1]
-
-    @property
     def past_length(self) -> int | None:
         """Positions written so far, or None inside a `tf.function` (where the index is symbolic)."""
         index = tf.get_static_value(self.index)
         return None if index is None else int(index)
-
-    def check(self, batch_and_length: tuple[int, int], mask_shape) -> None:
-        """Raises InputError unless T new tokens of a batch of B (and a B S mask) fit."""
-        check_static_cache(self.batch_size, self.max_length, self.past_length, batch_and_length, mask_shape)
 
     def layer(self, i: int) -> LayerCache:
         return LayerCache(*self.key_values[i], self.index)
