@@ -12,7 +12,7 @@ import transformers
 from conftest import assert_close_on_real_tokens, sample_batch
 
 import opt_torch
-from opt_core.errors import CheckpointError
+from opt_core.errors import CheckpointError, InputError
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,38 @@ def test_past_key_values_layout_is_hfs(loaded):
     assert len(out.past_key_values) == config.num_hidden_layers
     k, v = out.past_key_values[0]
     assert k.shape == v.shape == (1, config.num_attention_heads, 3, config.head_dim)  # B N S H
+
+
+@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj"])
+def test_static_cache_steps_by_hand_as_generate_does(loaded, variant):
+    """init_cache + cache_position + a mask over every slot: the same logits as the whole sequence uncached."""
+    ours, _ = loaded(variant)
+    ids, mask = sample_batch(length=9)
+    ids, mask = torch.as_tensor(ids), torch.as_tensor(mask)
+    with torch.no_grad():
+        expected = ours(input_ids=ids, attention_mask=mask).logits
+        cache = ours.init_cache(ids.shape[0], 12)
+        slots = torch.zeros(ids.shape[0], 12, dtype=torch.long)
+        slots[:, :6] = mask[:, :6]
+        first = ours(ids[:, :6], slots, past_key_values=cache, cache_position=torch.arange(6)).logits
+        steps = [first]
+        for t in range(6, 9):
+            slots[:, t] = mask[:, t]
+            out = ours(ids[:, t : t + 1], slots, past_key_values=cache, cache_position=torch.tensor([t]))
+            steps.append(out.logits)
+    assert out.past_key_values is cache
+    assert_close_on_real_tokens(torch.cat(steps, 1).numpy(), expected.numpy(), mask.numpy())
+
+
+def test_static_cache_bad_inputs_raise_clear_errors(loaded):
+    ours, _ = loaded("pre_ln")
+    cache = ours.init_cache(1, 4)
+    with pytest.raises(InputError, match=r"attention_mask has shape \(1, 2\), but .*cache of 4 .*\(1, 4\)"):
+        ours(torch.tensor([[5, 6]]), torch.ones(1, 2), past_key_values=cache, cache_position=torch.arange(2))
+    with pytest.raises(InputError, match="cache was made for a batch of 1"):
+        ours(torch.tensor([[5], [6]]), torch.ones(2, 4), past_key_values=cache, cache_position=torch.arange(1))
+    with pytest.raises(InputError, match="no room for 2 more tokens"):
+        ours(torch.tensor([[5, 6]]), torch.ones(1, 4), past_key_values=cache, cache_position=torch.arange(3, 5))
 
 
 # ----- checkpoints: HF folders load here, ours load in HF, bit-exact
