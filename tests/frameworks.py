@@ -152,3 +152,12 @@ class FlaxAdapter(Adapter):
 
 
 ADAPTERS = {"torch": TorchAdapter, "tf": TFAdapter, "flax": FlaxAdapter}
+
+
+def main_output(out, head):
+    """The head's main output(s) as numpy: logits, pooled logits, or stacked start/end logits."""
+    if head == "base":
+        return np.asarray(out.last_hidden_state)
+    if head == "question_answering":
+        return np.stack([np.asarray(out.start_logits), np.asarray(out.end_logits)], -1)
+    return np.asarray(out.logits)

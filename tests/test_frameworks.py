@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import pytest
 from conftest import HEADS, VARIANTS, assert_close_on_real_tokens, make_hf_model, sample_batch, variant_kwargs
-from frameworks import TorchAdapter, torch_call
+from frameworks import TorchAdapter, main_output, torch_call
 
 from opt_core.errors import InputError
 from opt_core.formats import FORMATS
@@ -27,15 +27,6 @@ SPLITS = [6, 7, 8, 9]
 def only(*names):
     """Runs a test on these frameworks only (the others lack what it checks)."""
     return pytest.mark.parametrize("framework", names, indirect=True)
-
-
-def main_output(out, head):
-    """The head's main output(s) as numpy: logits, pooled logits, or stacked start/end logits."""
-    if head == "base":
-        return np.asarray(out.last_hidden_state)
-    if head == "question_answering":
-        return np.stack([np.asarray(out.start_logits), np.asarray(out.end_logits)], -1)
-    return np.asarray(out.logits)
 
 
 def hf_output(hf, head, ids, mask):

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import torch  # noqa: E402
 from conftest import HEADS, VARIANTS, assert_close_on_real_tokens, sample_batch, variant_kwargs  # noqa: E402
+from frameworks import main_output  # noqa: E402
 
 import opt_tf  # noqa: E402
 import opt_torch  # noqa: E402
@@ -30,15 +31,6 @@ OURS = {
     "sequence_classification": opt_tf.TFOPTForSequenceClassification,
     "question_answering": opt_tf.TFOPTForQuestionAnswering,
 }
-
-
-def main_output(out, head):
-    """The head's main output(s) as numpy: logits, pooled logits, or stacked start/end logits."""
-    if head == "base":
-        return np.asarray(out.last_hidden_state)
-    if head == "question_answering":
-        return np.stack([np.asarray(out.start_logits), np.asarray(out.end_logits)], -1)
-    return np.asarray(out.logits)
 
 
 def torch_output(model, head, ids, mask, **kwargs):
