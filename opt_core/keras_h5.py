@@ -162,14 +162,39 @@ def _open_for_read(path: Path) -> Iterator[h5py.File]:
         raise CheckpointError(f"{path}: not a readable HDF5 file ({e})") from None
 
 
+def _member(parent: h5py.Group, name: str, path: Path, what: str):
+    """`parent[name]`, reached through hard links only, or None when absent.
+
+    Soft and external links are refused: an external link opens another file of the machine, and a soft link can
+    make one weight read another's bytes; Keras and HF write neither.
+    """
+    node = parent
+    for part in name.split("/"):
+        link = node.get(part, getlink=True) if isinstance(node, h5py.Group) and part else None
+        if link is None:
+            return None
+        if not isinstance(link, h5py.HardLink):
+            kind = type(link).__name__
+            raise CheckpointError(f"{path}: {what} {name!r} is reached through a {kind}, which tf_model.h5 never holds")
+        node = node[part]
+    return node
+
+
 def _dataset(parent: h5py.Group, name: str, path: Path, what: str) -> np.ndarray:
-    node = parent.get(name)
+    node = _member(parent, name, path, what)
     if not isinstance(node, h5py.Dataset):
         raise CheckpointError(f"{path}: {what} {name!r} has no dataset")
+    # A dataset may keep its bytes outside the file (external storage, or a virtual dataset mapping other files):
+    # reading it would read another file of the machine. Keras and HF write neither.
+    if node.external or node.is_virtual:
+        raise CheckpointError(f"{path}: {what} {name!r} stores its data outside the file, which is refused")
+    nbytes, size = node.size * node.dtype.itemsize, path.stat().st_size
+    if nbytes > size:  # Keras and HF never compress, so no real weight is larger than its file
+        raise CheckpointError(f"{path}: {what} {name!r} claims {nbytes} bytes, more than the file's {size}")
     offset = node.id.get_offset()  # None unless the data is one allocated, contiguous block
     if offset is not None and node.ndim and node.chunks is None and node.dtype.kind in _STORABLE_KINDS:
         # Keras and HF write contiguous, unfiltered datasets: map them, as safetensors, instead of copying.
-        if offset + node.size * node.dtype.itemsize > path.stat().st_size:
+        if offset + nbytes > size:
             raise CheckpointError(f"{path}: {what} {name!r} runs past the end of the file (truncated?)")
         return np.memmap(path, dtype=node.dtype, mode="r", offset=offset, shape=node.shape).view(np.ndarray)
     return np.asarray(node)  # as HF does; node[()] would give a numpy scalar for 0-d weights
@@ -206,14 +231,14 @@ def read_h5(path: str | os.PathLike) -> H5Weights:
     weights = H5Weights()
     with _open_for_read(path) as f:
         root = f
-        full_model_save = isinstance(f.get("model_weights"), h5py.Group)
+        full_model_save = isinstance(_member(f, "model_weights", path, "group"), h5py.Group)
         if full_model_save and load_attributes(f, "layer_names") is None:
             root = f["model_weights"]  # a Keras-2 `model.save()` file
         layer_names = load_attributes(root, "layer_names")
         if layer_names is None:
             raise _not_keras(path, "layer_names")
         for layer in layer_names:
-            group = root.get(layer)
+            group = _member(root, layer, path, "layer")
             if not isinstance(group, h5py.Group):
                 raise CheckpointError(f"{path}: layer {layer!r} is listed but has no group")
             weight_names = load_attributes(group, "weight_names")

@@ -539,6 +539,43 @@ def test_h5_not_hdf5_and_missing(tmp_path):
         read_h5(tmp_path / "absent.h5")
 
 
+HOSTILE_H5 = ["external_storage", "virtual_dataset", "external_link", "soft_link", "larger_than_the_file"]
+
+
+def _make_hostile_h5(path, secret, kind):
+    """A Keras h5 file whose one weight is made to read `secret` (another file of the machine) or too much."""
+    with h5py.File(path, "w") as f:
+        keras_h5.save_attributes(f, "layer_names", [b"model"])
+        group = f.create_group("model")
+        keras_h5.save_attributes(group, "weight_names", [b"inst/w:0"])
+        inner = group.create_group("inst")
+        if kind == "external_storage":
+            inner.create_dataset("w:0", (4,), np.float32, external=[(str(secret), 0, 16)])
+        elif kind == "virtual_dataset":
+            layout = h5py.VirtualLayout((4,), np.float32)
+            layout[:] = h5py.VirtualSource(str(secret), "data", shape=(4,))
+            inner.create_virtual_dataset("w:0", layout)
+        elif kind == "external_link":
+            inner["w:0"] = h5py.ExternalLink(str(secret), "data")
+        elif kind == "soft_link":
+            f["elsewhere"] = np.arange(4, dtype=np.float32)
+            inner["w:0"] = h5py.SoftLink("/elsewhere")
+        else:  # a dataset that declares far more elements than the file holds bytes (no storage allocated)
+            inner.create_dataset("w:0", (10**9,), np.float32)
+
+
+@pytest.mark.parametrize("kind", HOSTILE_H5)
+def test_h5_never_reads_outside_its_file(tmp_path, kind):
+    secret = tmp_path / "secret.h5"
+    with h5py.File(secret, "w") as f:
+        f["data"] = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    (tmp_path / "secret.raw").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    path = tmp_path / "tf_model.h5"
+    _make_hostile_h5(path, tmp_path / ("secret.raw" if kind == "external_storage" else "secret.h5"), kind)
+    with pytest.raises(CheckpointError, match=r"tf_model.h5: .*'inst/w:0' (is reached through|stores its data|claims)"):
+        read_h5(path)
+
+
 def test_h5_not_keras_layout(tmp_path):
     path = tmp_path / "plain.h5"
     with h5py.File(path, "w") as f:
