@@ -294,6 +294,75 @@ def test_a_git_lfs_pointer_is_named_in_every_format(tmp_path, fmt, sharded):
         read_checkpoint(tmp_path)
 
 
+def _safetensors_bytes(header: dict | bytes, data: bytes = b"") -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+F32x2 = {"dtype": "F32", "shape": [2]}
+
+
+def _two_tensors(a: list[int], b: list[int], data_bytes: int) -> bytes:
+    return _safetensors_bytes({"a": {**F32x2, "data_offsets": a}, "b": {**F32x2, "data_offsets": b}}, bytes(data_bytes))
+
+
+HOSTILE_SAFETENSORS = {
+    "header_past_the_file": (b"\xff" * 8, "its header claims"),
+    "header_over_100MB": ((200_000_000).to_bytes(8, "little") + b"{" * 16, "over the 100 MB limit"),
+    "deeply_nested_json": (_safetensors_bytes(b"[" * 100_000 + b"]" * 100_000), "header is not JSON"),
+    "one_terabyte_tensor": (
+        _safetensors_bytes({"w": {"dtype": "F32", "shape": [2**38], "data_offsets": [0, 8]}}, bytes(8)),
+        "has 8 bytes for shape",
+    ),
+    "shape_that_wraps_int64": (
+        _safetensors_bytes({"w": {"dtype": "F32", "shape": [2**62, 4], "data_offsets": [0, 0]}}),
+        "has 0 bytes for shape",
+    ),
+    "negative_dimension": (
+        _safetensors_bytes({"w": {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]}}, bytes(8)),
+        "malformed header entry",
+    ),
+    "offsets_past_the_file": (
+        _safetensors_bytes({"w": {**F32x2, "data_offsets": [0, 8]}}, bytes(4)),
+        "is truncated: tensor 'w' ends",
+    ),
+    "offsets_reversed": (
+        _safetensors_bytes({"w": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, bytes(8)),
+        "end before they begin",
+    ),
+    "overlapping_tensors": (
+        _safetensors_bytes(
+            {"a": {**F32x2, "data_offsets": [0, 8]}, "b": {**F32x2, "data_offsets": [4, 12]}}, bytes(12)
+        ),
+        "overlaps the tensor before it",
+    ),
+    "aliased_tensors": (
+        _two_tensors([0, 8], [0, 8], 8),
+        "overlaps the tensor before it",
+    ),
+    "gap_between_tensors": (
+        _safetensors_bytes(
+            {"a": {**F32x2, "data_offsets": [0, 8]}, "b": {**F32x2, "data_offsets": [12, 20]}}, bytes(20)
+        ),
+        "leaves a gap",
+    ),
+    "unknown_dtype": (
+        _safetensors_bytes({"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, bytes(8)),
+        "malformed header entry",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_SAFETENSORS))
+def test_hostile_safetensors_are_refused_by_name(tmp_path, case):
+    content, message = HOSTILE_SAFETENSORS[case]
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as error:
+        read_safetensors(path)
+    assert "model.safetensors" in str(error.value)
+
+
 def test_parse_size_follows_hf():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("5GiB") == 5 * 2**30
     assert parse_size("200MB") == 200 * 10**6 and parse_size(1234) == 1234
