@@ -539,7 +539,7 @@ class _ZipStorages:
             raise _Corrupt(f"the archive has no entry {self.prefix}data/{key}") from None
         if info.compress_type != zipfile.ZIP_STORED:
             # torch never compresses; a re-zipped archive still reads, just not memory-mapped.
-            return np.frombuffer(self.archive.read(info), np.uint8)
+            return np.frombuffer(_read_compressed(self.archive, info, len(self.mapped)), np.uint8)
         header = self.mapped[info.header_offset : info.header_offset + 30]
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise _Corrupt(f"the zip header of data/{key} is damaged")
@@ -548,6 +548,16 @@ class _ZipStorages:
         if start + info.file_size > len(self.mapped):
             raise _Corrupt(f"data/{key} runs past the end of the file (truncated?)")
         return np.frombuffer(self.mapped, np.uint8, info.file_size, start)
+
+
+def _read_compressed(archive: zipfile.ZipFile, info: zipfile.ZipInfo, archive_size: int) -> bytes:
+    """A compressed entry's bytes, refused before decompressing when it claims to expand past twice the archive's
+    size: real weights barely compress, and a zip bomb must not allocate gigabytes before anything is refused."""
+    if info.file_size > 2 * archive_size:
+        raise _Corrupt(
+            f"{info.filename} would expand to {info.file_size} bytes from a {archive_size}-byte file (a zip bomb?)"
+        )
+    return archive.read(info)  # zipfile stops at the declared size and checks the CRC
 
 
 def _zip_prefix(archive: zipfile.ZipFile) -> str:
@@ -582,7 +592,7 @@ def _read_zip(file: IO[bytes], mapped: mmap.mmap, path: str, strict: bool) -> An
         prefix = _zip_prefix(archive)
         swap = _zip_byteorder(archive, prefix) != sys.byteorder
         storages = _ZipStorages(archive, mapped, prefix, swap)
-        data = archive.read(f"{prefix}data.pkl")
+        data = _read_compressed(archive, archive.getinfo(f"{prefix}data.pkl"), len(mapped))
         return _Context(path, strict, storages.load).unpickle(io.BytesIO(data))
 
 

@@ -174,6 +174,26 @@ def test_reads_compressed_archives(tmp_path: Path) -> None:
         assert_bit_exact(loaded[name], tensor)
 
 
+@pytest.mark.parametrize("entry", ["data.pkl", "data/0"])
+def test_a_zip_bomb_is_refused_before_it_expands(tmp_path: Path, entry: str) -> None:
+    """A ~256 kB entry that inflates to 256 MiB: refused from its declared size, before any decompression."""
+    import psutil
+
+    stored, bomb = tmp_path / "stored.bin", tmp_path / "bomb.bin"
+    torch.save({"a": sample(torch.float32)}, stored)
+    with zipfile.ZipFile(stored) as source, zipfile.ZipFile(bomb, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith(entry):
+                data += bytes(2**28)  # zeros deflate about 1000:1
+            target.writestr(info.filename, data, zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 2**20
+    before = psutil.Process().memory_info().rss
+    with pytest.raises(CheckpointError, match=rf"{entry} would expand to \d+ bytes .*zip bomb"):
+        load_state_dict(bomb)
+    assert psutil.Process().memory_info().rss - before < 2**26
+
+
 def numpy_tensors() -> dict[str, np.ndarray]:
     arrays = {name: tensor_to_numpy(tensor) for name, tensor in every_dtype().items()}
     base = np.arange(24, dtype=np.float32).reshape(4, 6)
