@@ -539,6 +539,41 @@ def test_h5_not_hdf5_and_missing(tmp_path):
         read_h5(tmp_path / "absent.h5")
 
 
+HOSTILE_MSGPACK = {
+    "array_of_4G_elements": b"\xdd\xff\xff\xff\xff",
+    "map_of_4G_entries": b"\xdf\xff\xff\xff\xff",
+    "bin_of_4GB": b"\x81\xa1a\xc6\xff\xff\xff\xff" + b"x" * 10,
+    "ext_of_4GB": b"\x81\xa1a\xc9\xff\xff\xff\xff\x01",
+    "nested_200000_deep": b"\x81\xa1a" * 200_000,
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_MSGPACK))
+def test_msgpack_huge_declared_lengths_are_refused(tmp_path, case):
+    import psutil
+
+    path = tmp_path / "flax_model.msgpack"
+    path.write_bytes(HOSTILE_MSGPACK[case])
+    before = psutil.Process().memory_info().rss
+    with pytest.raises(CheckpointError, match="flax_model.msgpack: not a valid Flax msgpack checkpoint"):
+        read_msgpack(path)
+    assert psutil.Process().memory_info().rss - before < 2**26  # nothing allocated for the declared lengths
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pytorch", "tf", "flax"])
+@pytest.mark.parametrize("shard", ["../outside.bin", "/etc/passwd", "sub/../../x", ".."])
+def test_an_index_naming_a_file_outside_the_folder_is_refused(tmp_path, fmt, shard):
+    from opt_core.formats import FORMATS, read_checkpoint
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    index = folder / FORMATS[fmt].index_name
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"w": shard}}))
+    with pytest.raises(CheckpointError, match="is not a file name in the folder"):
+        read_checkpoint(folder)
+
+
 HOSTILE_H5 = ["external_storage", "virtual_dataset", "external_link", "soft_link", "larger_than_the_file"]
 
 
