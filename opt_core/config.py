@@ -133,11 +133,12 @@ class OPTConfig:
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_size
         if self.id2label is not None:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            self.id2label = _labels(self.id2label)
         # As HF: id2label is the source of truth; num_labels=N alone means labels LABEL_0 .. LABEL_{N-1}.
         if self.num_labels is not None and (self.id2label is None or len(self.id2label) != self.num_labels):
-            if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1:
-                raise ConfigError(f"num_labels must be a positive integer, got {self.num_labels!r}")
+            labels = self.num_labels
+            if isinstance(labels, bool) or not isinstance(labels, int) or not 1 <= labels <= MAX_LABELS:
+                raise ConfigError(f"num_labels must be an integer in [1, {MAX_LABELS}], got {labels!r}")
             self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)} if self.num_labels != 2 else None
         self.num_labels = len(self.id2label) if self.id2label else 2
         # Bookkeeping for an unchanged round trip: the file's key order, what the dtype key was called, and the
@@ -290,8 +291,8 @@ class OPTConfig:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"no config file at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path} is not valid JSON: {error}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
+            raise ConfigError(f"{path} is not valid JSON: {type(error).__name__} {error}"[:300]) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         try:
@@ -345,3 +346,14 @@ class OPTConfig:
 
 
 _MISSING = object()
+MAX_LABELS = 1_000_000  # far more classes than any classifier has; the bound keeps a hostile config from hanging
+
+
+def _labels(id2label: Any) -> dict[int, str]:
+    """config.json's id2label ({"0": "NEGATIVE", ...}) with int keys; a ConfigError naming what is wrong."""
+    if not isinstance(id2label, dict) or len(id2label) > MAX_LABELS:
+        raise ConfigError(f"id2label must map at most {MAX_LABELS} class ids to names, got {str(id2label)[:100]}")
+    try:
+        return {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"id2label keys must be class ids (integers), got {list(id2label)[:10]}") from None

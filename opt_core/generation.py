@@ -98,9 +98,17 @@ class GenerationConfig:
     def from_pretrained(cls, folder: str | os.PathLike) -> GenerationConfig:
         path = Path(folder) / GENERATION_CONFIG_NAME
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path} is not valid JSON: {error}") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
+            raise ConfigError(f"{path} is not valid JSON: {type(error).__name__} {error}"[:300]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        config = cls.from_dict(data)
+        try:
+            config.validate()
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
@@ -129,6 +137,17 @@ class GenerationConfig:
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
     def validate(self) -> None:
+        """Raises ConfigError naming the first field whose type or value is wrong."""
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds)):
+                raise ConfigError(f"GenerationConfig.{name} must be {_KIND_NAMES[kinds]}, got {value!r}")
+        for name in ("eos_token_id", "stop_strings"):
+            value = getattr(self, name)
+            item = int if name == "eos_token_id" else str
+            items = value if isinstance(value, list) else [value]
+            if value is not None and not all(isinstance(v, item) and not isinstance(v, bool) for v in items):
+                raise ConfigError(f"GenerationConfig.{name} must be one {item.__name__} or a list, got {value!r}")
         if self.num_beams < 1 or self.num_return_sequences < 1:
             raise ConfigError("num_beams and num_return_sequences must be at least 1")
         if self.num_return_sequences > self.num_beams and not self.do_sample:
@@ -144,6 +163,16 @@ class GenerationConfig:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.max_new_tokens is not None and self.max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+
+
+_INT, _NUMBER, _BOOL = (int,), (int, float), (bool,)
+_KIND_NAMES = {_INT: "an integer", _NUMBER: "a number", _BOOL: "true or false"}
+_FIELD_TYPES = {  # the JSON types generation_config.json may give each field (None: unset, where allowed)
+    **dict.fromkeys(("max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams", "top_k"), _INT),
+    **dict.fromkeys(("no_repeat_ngram_size", "num_return_sequences", "bos_token_id", "pad_token_id"), _INT),
+    **dict.fromkeys(("temperature", "top_p", "repetition_penalty", "length_penalty", "penalty_alpha"), _NUMBER),
+    **dict.fromkeys(("do_sample", "use_cache"), _BOOL),
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -363,6 +363,43 @@ def test_hostile_safetensors_are_refused_by_name(tmp_path, case):
     assert "model.safetensors" in str(error.value)
 
 
+BAD_CONFIGS = {
+    "nested_too_deep": ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    "id2label_a_list": ({"id2label": ["a", "b"]}, "id2label must map"),
+    "id2label_bad_key": ({"id2label": {"x": "a"}}, "id2label keys must be class ids"),
+    "a_trillion_labels": ({"num_labels": 10**12}, "num_labels must be an integer in"),
+}
+BAD_GENERATION_CONFIGS = {
+    "nested_too_deep": ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    "a_list": ("[]", "must hold a JSON object"),
+    "num_beams_a_string": ({"num_beams": "2"}, "num_beams must be an integer, got '2'"),
+    "do_sample_a_number": ({"do_sample": 1}, "do_sample must be true or false"),
+    "eos_id_a_string": ({"eos_token_id": [2, "x"]}, "eos_token_id must be one int or a list"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_a_malformed_config_json_is_refused_by_name(tmp_path, case):
+    content, message = BAD_CONFIGS[case]
+    if isinstance(content, dict):
+        content = json.dumps({**OPTConfig(**_TINY).to_dict(), **content})
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ConfigError, match=message) as error:
+        OPTConfig.from_pretrained(tmp_path)
+    assert "config.json" in str(error.value)
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATION_CONFIGS))
+def test_a_malformed_generation_config_json_is_refused_by_name(tmp_path, case):
+    from opt_core.generation import GenerationConfig
+
+    content, message = BAD_GENERATION_CONFIGS[case]
+    (tmp_path / "generation_config.json").write_text(json.dumps(content) if isinstance(content, dict) else content)
+    with pytest.raises(ConfigError, match=message) as error:
+        GenerationConfig.from_pretrained(tmp_path)
+    assert "generation_config.json" in str(error.value)
+
+
 def test_parse_size_follows_hf():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("5GiB") == 5 * 2**30
     assert parse_size("200MB") == 200 * 10**6 and parse_size(1234) == 1234
