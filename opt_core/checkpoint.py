@@ -1,9 +1,9 @@
 """Checkpoints in canonical names: `load_checkpoint` reads any format and checks it against the parameter table,
 `save_checkpoint` writes canonical tensors in any format as HF names them.
 
-Below this module: `opt_core.formats` (the format registry: detection, shards, atomic writes, removing an earlier
-save) and `opt_core.weights` (the parameter table and each format's naming style). Above it: `opt_core.pretrained`
-(the framework-free halves of `from_pretrained` / `save_pretrained`) and `conversion`.
+Below this module: `opt_core.formats` (the format registry: detection, shards, crash-safe commits, removing an
+earlier save) and `opt_core.weights` (the parameter table and each format's naming style). Above it:
+`opt_core.pretrained` (the framework-free halves of `from_pretrained` / `save_pretrained`) and `conversion`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def save_checkpoint(
     fmt: str = "safetensors",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dtype: str | np.dtype | None = None,
-    text_files: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, bytes | str] | None = None,
 ) -> list[Path]:
     """Writes canonical tensors as HF names them in `fmt`, sharded above `max_shard_size`; returns the files.
 
@@ -48,10 +48,10 @@ def save_checkpoint(
         fmt: a key of `opt_core.formats.FORMATS`.
         max_shard_size: shard above this size ("5GB" = 5 * 10**9 bytes, "5GiB" = 5 * 2**30).
         dtype: cast every tensor to this dtype on the way out, one tensor at a time.
-        text_files: {file name: text} renamed into place with the weights (`opt_core.formats.write_tensors`).
+        extra_files: {file name: bytes or text} committed with the weights (`opt_core.formats.write_tensors`).
     """
     tensors = to_file_tensors(canonical, config, head, get_format(fmt).style)
     target = to_numpy_dtype(dtype) if dtype is not None else None
     return write_tensors(
-        tensors, folder, fmt, head=head, max_shard_size=max_shard_size, dtype=target, text_files=text_files
+        tensors, folder, fmt, head=head, max_shard_size=max_shard_size, dtype=target, extra_files=extra_files
     )

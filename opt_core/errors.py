@@ -24,3 +24,15 @@ class UnsafeCheckpointError(CheckpointError):
 
 class InputError(OPTError):
     """Model inputs are malformed: token ids out of range, too long, or mismatched shapes."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (the disk is full, a file is over the size limit, an I/O error); the message
+    names the folder and the file, and whether the folder still holds its previous checkpoint.
+
+    Also an OSError, with the failed write's `errno`, so code that handles OSError from a save keeps working.
+    """
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno

@@ -12,10 +12,11 @@ Adding a format is one module that reads and writes one file, plus one `Format` 
 are named as the file names them (`opt_core.weights` maps them to canonical names); `opt_core.checkpoint` builds
 `load_checkpoint` / `save_checkpoint` on top.
 
-Saving (`write_tensors`) writes every new file under a temporary name, renames them into place, then removes
-the weight files of an earlier save that would otherwise load instead of the new ones or be mixed with them: a
-single file beside a new index, shards of another count, and the weights of every other format. So a folder
-holds exactly one checkpoint, the one just written; what was removed is logged.
+Saving (`write_tensors`) is one commit (`opt_core.files.FolderCommit`): every new file is written under a
+temporary name, then a journal puts them in place and removes the weight files of an earlier save that would
+otherwise load instead of the new ones or be mixed with them: a single file beside a new index, shards of another
+count, and the weights of every other format. So a folder holds exactly one checkpoint, the one just written, even
+after a crash at any moment; what was removed is logged.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import numpy as np
 from opt_core import flax_msgpack, keras_h5, safetensors_file, torch_pickle
 from opt_core.errors import CheckpointError
 from opt_core.files import (
+    FolderCommit,
     check_not_lfs_pointer,
+    complete_interrupted_save,
     index_json_text,
     is_shard_of,
     parse_size,
@@ -40,7 +43,6 @@ from opt_core.files import (
     read_head,
     read_index,
     shard_file_name,
-    temporary_path,
 )
 from opt_core.lazy import LazyTensor
 
@@ -221,6 +223,7 @@ def detect_format(path: str | os.PathLike, fmt: str | None = None) -> tuple[str,
     A folder's single file is taken before its index, as HF does; `write_tensors` never leaves both.
     """
     path = Path(path)
+    complete_interrupted_save(path)  # a save killed after its commit point is finished before anything is read
     if path.is_file():
         return _format_of_file(path, fmt), path
     if not path.is_dir():
@@ -259,32 +262,6 @@ def read_checkpoint(path: str | os.PathLike, fmt: str | None = None) -> tuple[st
 # ----- writing
 
 
-class _Staging:
-    """New files written under temporary names, renamed into place together once all are complete; on an error
-    the temporary files are removed and the folder is as it was."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.staged: list[tuple[Path, Path]] = []
-
-    def path(self, name: str) -> Path:
-        final = self.folder / name
-        self.staged.append((temporary_path(final), final))
-        return self.staged[-1][0]
-
-    def __enter__(self) -> _Staging:
-        return self
-
-    def __exit__(self, error_type, error, traceback) -> None:
-        try:
-            if error_type is None:
-                for tmp, final in self.staged:
-                    os.replace(tmp, final)
-        finally:
-            for tmp, _ in self.staged:
-                tmp.unlink(missing_ok=True)
-
-
 def storable_tensors(tensors: Mapping[str, np.ndarray], fmt: str, dtype: np.dtype | None = None):
     """The tensors as `fmt` stores them: cast to `dtype` when given, then to a dtype the format can hold.
 
@@ -306,13 +283,15 @@ def write_tensors(
     head: str = "causal_lm",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dtype: np.dtype | None = None,
-    text_files: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, bytes | str] | None = None,
 ) -> list[Path]:
     """Writes tensors (named as `fmt` names them) into `folder`, sharded above `max_shard_size`, as HF does.
 
-    Every file is written under a temporary name and renamed into place once all are complete; then the weight
-    files of an earlier save that the new one does not overwrite are removed (see the module docstring). Returns
-    the weight files written: the single file, or the shards in order followed by the index.
+    One commit (`opt_core.files.FolderCommit`): every file is written under a temporary name and synced, then a
+    journal puts them all in place and removes the weight files of an earlier save that the new one does not
+    overwrite (see the module docstring). A crash at any moment leaves the previous checkpoint or the new one,
+    never a mix; an error (a full disk) leaves the previous one and raises CheckpointWriteError naming the file.
+    Returns the weight files written: the single file, or the shards in order followed by the index.
 
     Args:
         tensors: {name: array or LazyTensor} in the order HF writes them.
@@ -321,47 +300,63 @@ def write_tensors(
         head: the model's head ("base", "causal_lm", ...): TF files carry HF's instance name for it.
         max_shard_size: bytes, or a size such as "5GB" (10**9) or "5GiB" (2**30).
         dtype: cast every tensor to this dtype on the way out, one tensor at a time.
-        text_files: {file name: text} written with the weights and renamed into place with them (config.json,
-            generation_config.json), so a failed save changes none of them.
+        extra_files: {file name: bytes, or text written as UTF-8} committed with the weights (config.json,
+            generation_config.json, a trainer's optimizer state, tokenizer files), so that no crash or failed save
+            mixes them with another save's.
     """
     entry = get_format(fmt)
     folder = Path(folder)
     tensors = storable_tensors(tensors, fmt, dtype)
     max_bytes = parse_size(max_shard_size)
+    extra_files = dict(extra_files or {})
+    clashes = sorted(name for name in extra_files if any(e.owns(name) for e in FORMATS.values()))
+    if clashes:
+        raise ValueError(f"extra_files may not name weight files: {', '.join(clashes)}")
     folder.mkdir(parents=True, exist_ok=True)
+    complete_interrupted_save(folder)
     sizes = {name: int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize for name, array in tensors.items()}
     shards = plan_shards(sizes, max_bytes, close_empty=entry.closes_empty_shard)
-    with _Staging(folder) as staging:
+    with FolderCommit(folder) as commit:
         if len(shards) == 1:
             names = [entry.weights_name]
-            entry.write_file(tensors, staging.path(entry.weights_name), head)
+            entry.write_file(tensors, commit.path(entry.weights_name), head)
         else:
             names = [shard_file_name(entry.weights_name, i, len(shards)) for i in range(len(shards))]
             weight_map = {}
             for name, members in zip(names, shards, strict=True):
-                entry.write_shard({k: tensors[k] for k in members}, staging.path(name), head)
+                entry.write_shard({k: tensors[k] for k in members}, commit.path(name), head)
                 weight_map.update({entry.index_key(k, head): name for k in members})
-            staging.path(entry.index_name).write_text(index_json_text(sum(sizes.values()), weight_map))
+            commit.write(entry.index_name, index_json_text(sum(sizes.values()), weight_map))
             names.append(entry.index_name)
-        for name, text in (text_files or {}).items():
-            staging.path(name).write_text(text, encoding="utf-8")
-    remove_other_weights(folder, keep=set(names))
+        for name, data in extra_files.items():
+            commit.write(name, data)
+        removed = commit.commit(removals=lambda: other_weights(folder, keep=set(names)))
+    if removed:
+        logger.warning("removed the earlier weights in %s that the new save replaces: %s", folder, ", ".join(removed))
     return [folder / name for name in names]
 
 
-def remove_other_weights(folder: Path, keep: set[str]) -> list[str]:
-    """Removes every checkpoint file of any format in `folder` except `keep`; returns and logs what went.
+def other_weights(folder: Path, keep: set[str]) -> list[str]:
+    """The checkpoint files of any format in `folder` except `keep`: an earlier save's weights, which a new save
+    removes in its commit.
 
-    Those are an earlier save's weights: a single file beside a new index (read first, as HF does), shards of
-    another count (mixed with the new ones), or another format's weights (loaded when that format is asked for).
+    Those are a single file beside a new index (read first, as HF does), shards of another count (mixed with the
+    new ones), or another format's weights (loaded when that format is asked for).
     """
-    removed = []
-    for path in sorted(folder.iterdir()):
-        if path.name in keep or not path.is_file():
-            continue
-        if any(entry.owns(path.name) for entry in FORMATS.values()):
-            path.unlink()
-            removed.append(path.name)
+    return [
+        path.name
+        for path in sorted(folder.iterdir())
+        if path.name not in keep and path.is_file() and any(entry.owns(path.name) for entry in FORMATS.values())
+    ]
+
+
+def remove_other_weights(folder: Path, keep: set[str]) -> list[str]:
+    """Removes every checkpoint file of any format in `folder` except `keep` (`other_weights`), in one commit;
+    returns and logs what went."""
+    folder = Path(folder)
+    complete_interrupted_save(folder)
+    with FolderCommit(folder) as commit:
+        removed = commit.commit(removals=lambda: other_weights(folder, keep))
     if removed:
         logger.warning("removed the earlier weights in %s that the new save replaces: %s", folder, ", ".join(removed))
     return removed

@@ -5,7 +5,8 @@ checkpoint against the parameter table, draws HF's fresh initialisation for a ta
 reads generation_config.json. Each framework then only turns canonical numpy arrays into its own tensors.
 
 `save_pretrained` writes config.json (with the saved dtype and HF's class name), generation_config.json and the
-weights in any format (`opt_core.checkpoint.save_checkpoint`: atomic, and an earlier save's weights removed).
+weights in any format (`opt_core.checkpoint.save_checkpoint`: one crash-safe commit that also removes an earlier
+save's weights).
 
 Siblings: `opt_torch/pretrained.py`, `opt_tf/pretrained.py`, `opt_flax/pretrained.py`.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from opt_core.checkpoint import load_checkpoint, save_checkpoint
 from opt_core.config import CONFIG_NAME, OPTConfig
 from opt_core.dtypes import check_dtype, dtype_name
+from opt_core.files import complete_interrupted_save
 from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, get_format
 from opt_core.generation import GENERATION_CONFIG_NAME, GenerationConfig, load_generation_config
 from opt_core.hub import resolve_model
@@ -102,6 +104,7 @@ def load_pretrained(
         local_files_only=local_files_only,
         token=token,
     )
+    complete_interrupted_save(folder)  # a save killed after its commit point is finished before config.json is read
     if config is None:
         config = OPTConfig.from_pretrained(folder, **overrides)
     elif overrides:
@@ -145,8 +148,10 @@ def save_pretrained(
     fmt: str,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dtype: Any = None,
+    extra_files: Mapping[str, bytes | str] | None = None,
 ) -> list[Path]:
-    """Writes config.json, generation_config.json and the weights as HF does; returns the weight files.
+    """Writes config.json, generation_config.json and the weights as HF does, in one crash-safe commit; returns
+    the weight files.
 
     Args:
         folder: created if needed.
@@ -157,14 +162,20 @@ def save_pretrained(
         fmt: a registry format (see `save_format`).
         max_shard_size: shard above this size ("5GB" = 5 * 10**9 bytes, "5GiB" = 5 * 2**30).
         dtype: cast the weights on the way out, one tensor at a time (default: as they are).
+        extra_files: more {file name: bytes or text} committed with them (a trainer's optimizer state, the
+            tokenizer's files), so that a crash never mixes them with another save's.
     """
     saved = check_dtype(dtype) if dtype is not None else dtype_name(canonical[EMBED_TOKENS].dtype)
     config = config.replace(dtype=saved)
     config.extra["architectures"] = [architecture]
-    text_files = {CONFIG_NAME: config.to_json_string()}
+    files: dict[str, bytes | str] = {CONFIG_NAME: config.to_json_string()}
     if generation_config is not None:
-        text_files[GENERATION_CONFIG_NAME] = generation_config.to_json_string()
-    # The configs are renamed into place with the weights: a save that fails leaves the folder as it was.
+        files[GENERATION_CONFIG_NAME] = generation_config.to_json_string()
+    clashes = sorted(set(files) & set(extra_files or {}))
+    if clashes:
+        raise ValueError(f"extra_files may not replace {', '.join(clashes)}: save_pretrained writes them")
+    files.update(extra_files or {})
+    # The configs are committed with the weights: a save that fails or is killed leaves the folder as it was.
     return save_checkpoint(
-        canonical, folder, config, head, fmt=fmt, max_shard_size=max_shard_size, dtype=dtype, text_files=text_files
+        canonical, folder, config, head, fmt=fmt, max_shard_size=max_shard_size, dtype=dtype, extra_files=files
     )
