@@ -2,8 +2,10 @@
 
 A conversion opens the source as canonical lazy tensors (HF formats through `conversion.formats`, metaseq originals
 through `conversion.metaseq`), casts them lazily to the asked dtype, writes the destination format into a temporary
-folder beside `dst`, re-reads it and checks every tensor's name, shape, dtype and bits against the source, and only
-then moves it into place. Any failure removes the temporary folder and leaves `dst` as it was.
+folder beside `dst` (or, replacing a folder, inside it), re-reads it and checks every tensor's name, shape, dtype and
+bits against the source, and only then puts it in place in one commit (a rename, or a journaled commit of its files
+into the existing folder). Any failure removes the temporary folder and leaves `dst` as it was; a process killed at
+any moment leaves the previous `dst` or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ from conversion import formats, metaseq
 from opt_core.config import CONFIG_NAME, PRESETS, OPTConfig
 from opt_core.dtypes import FLOAT_DTYPES, to_numpy_dtype
 from opt_core.errors import CheckpointError, ConfigError, OPTError
-from opt_core.files import parse_size
+from opt_core.files import (
+    TEMPORARY_SUFFIX,
+    FolderCommit,
+    complete_interrupted_save,
+    fsync_directory,
+    fsync_file,
+    is_temporary_name,
+    parse_size,
+    remove_partials,
+    stale_partials,
+)
 from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, FORMATS, detect_format, get_format, storable_tensors
 from opt_core.hub import resolve_model
 from opt_core.lazy import LazyTensor
@@ -269,9 +281,19 @@ def _carry_files(src_folder: Path, folder: Path) -> None:
 
 @contextlib.contextmanager
 def _staging(dst: Path, force: bool) -> Iterator[Path]:
-    """A temporary folder beside `dst`, moved to `dst` when the block succeeds and removed whatever happens."""
+    """A temporary folder to convert into, put in place as `dst` when the block succeeds, removed whatever happens.
+
+    It sits beside `dst`, and one rename makes it `dst`; or, replacing an existing folder (`force`), inside it,
+    and the new files replace the folder's content in one journaled commit (`opt_core.files.FolderCommit`), which
+    also works where `dst` is a mount point. Either way a process killed at any moment leaves the previous `dst`
+    or the new one, never a mix; staging folders of killed conversions are removed by the next one (and, inside
+    `dst`, by loading it).
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
+    _remove_stale_staging(dst)
+    into = dst if force and dst.is_dir() and not dst.is_symlink() else dst.parent
+    prefix = ".converting-" if into == dst else f".{dst.name}.converting-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=f".{os.getpid()}{TEMPORARY_SUFFIX}", dir=into))
     try:
         yield tmp
         _move_into_place(tmp, dst, force)
@@ -279,14 +301,31 @@ def _staging(dst: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remove_stale_staging(dst: Path) -> None:
+    """Staging folders (and a journaled commit) that conversions killed midway left in or beside `dst`."""
+    if dst.is_dir():
+        complete_interrupted_save(dst)
+    remove_partials(stale_partials(dst.parent, prefix=f".{dst.name}."))
+
+
 def _move_into_place(tmp: Path, dst: Path, force: bool) -> None:
+    for file in tmp.iterdir():
+        fsync_file(file)  # the data is on disk before any name points at it
+    fsync_directory(tmp)
+    if dst.is_dir() and not dst.is_symlink() and force:
+        _replace_content(tmp, dst)
+        return
     if not (dst.exists() or dst.is_symlink()):
-        os.replace(tmp, dst)
+        os.replace(tmp, dst)  # the commit point: one rename
+        fsync_directory(dst.parent)
         return
     if not force:  # it appeared while we were converting
         raise ConversionError(f"{dst} already exists; pass --force (force=True) to replace it")
-    # Renames are atomic: dst is always either the old or the new folder, never half of one.
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.replaced-", dir=dst.parent))
+    # dst is a file or a symlink (not a checkpoint folder): moved aside, then replaced by the new folder. A crash
+    # between the two renames leaves no dst, and the old one in the `.replaced-` folder beside it.
+    old = Path(
+        tempfile.mkdtemp(prefix=f".{dst.name}.replaced-", suffix=f".{os.getpid()}{TEMPORARY_SUFFIX}", dir=dst.parent)
+    )
     try:
         os.replace(dst, old / "old")
         try:
@@ -296,6 +335,16 @@ def _move_into_place(tmp: Path, dst: Path, force: bool) -> None:
             raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _replace_content(tmp: Path, dst: Path) -> None:
+    """Replaces everything in the folder `dst` by the files of `tmp`, in one journaled commit."""
+    names = sorted(os.listdir(tmp))
+    with FolderCommit(dst) as commit:
+        for name in names:
+            os.replace(tmp / name, commit.path(name))
+        keep = {*names, tmp.name}
+        commit.commit(removals=lambda: [n for n in os.listdir(dst) if n not in keep and not is_temporary_name(n)])
 
 
 # ----- command line
