@@ -1,8 +1,9 @@
 """Training and fine-tuning a causal OPT on text files, in Flax with optax: `opt-lm train` and `train(TrainConfig)`.
 
 AdamW with linear warmup then cosine decay, gradient clipping by global norm, periodic checkpoints (the model in
-HF's layout plus the optimizer state) and resume, a progress bar with loss and tokens/s on stderr, held-out
-perplexity, and a JSON-lines log. The result is a folder that all three frameworks (and HF transformers) load.
+HF's layout, the optimizer state and the tokenizer, committed together so that a crash never mixes two steps) and
+resume, a progress bar with loss and tokens/s on stderr, held-out perplexity, and a JSON-lines log. The result is
+a folder that all three frameworks (and HF transformers) load.
 
 Data: every file's text is tokenized (no special tokens) and the files are joined with `</s>`, OPT's document
 separator; the stream is cut into rows of `seq_len` tokens, each starting with `</s>` as OPT's tokenizer starts
@@ -15,7 +16,9 @@ import dataclasses
 import json
 import math
 import sys
+import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +30,12 @@ import optax
 
 from opt_core.config import OPTConfig
 from opt_core.errors import ConfigError
-from opt_core.files import atomic_write_bytes
+from opt_core.files import complete_interrupted_save
 from opt_core.generation import GenerationConfig
+from opt_core.pretrained import save_pretrained as save_folder
 from opt_core.tokenizer import OPTTokenizer, train_bpe_tokenizer
 from opt_flax.modeling import FlaxOPTForCausalLM
+from opt_flax.pretrained import params_to_canonical
 
 CHECKPOINT_NAME = "training_state.msgpack"
 LOG_NAME = "training_log.jsonl"
@@ -127,7 +132,9 @@ def split_data(cfg: TrainConfig, tokenizer: OPTTokenizer) -> tuple[np.ndarray, n
 def build_tokenizer(cfg: TrainConfig) -> OPTTokenizer:
     if cfg.tokenizer or cfg.init_from:
         return OPTTokenizer.from_pretrained(cfg.tokenizer or cfg.init_from)
-    return train_bpe_tokenizer([str(f) for f in cfg.train_files], cfg.vocab_size, cfg.output)
+    # Trained aside: the output folder gets the tokenizer's files only in a checkpoint's commit, with the weights.
+    with tempfile.TemporaryDirectory() as folder:
+        return train_bpe_tokenizer([str(f) for f in cfg.train_files], cfg.vocab_size, folder)
 
 
 def build_model(cfg: TrainConfig, tokenizer: OPTTokenizer) -> FlaxOPTForCausalLM:
@@ -199,20 +206,34 @@ def evaluate(eval_step, params, held_out: np.ndarray, batch_size: int) -> float:
 # ----- checkpoints
 
 
-def save_state(cfg: TrainConfig, model, params, opt_state, step: int) -> None:
-    """The model in HF's layout, plus the optimizer state and step to resume from; every file is replaced
-    atomically (a crash mid-save leaves the previous checkpoint's files, never a truncated one)."""
-    save_model(cfg, model, params)
-    state = {"step": step, "opt_state": opt_state}
-    atomic_write_bytes(cfg.output / CHECKPOINT_NAME, flax.serialization.to_bytes(state))
+def save_state(
+    cfg: TrainConfig, model, params, opt_state, step: int, tokenizer_files: Mapping[str, bytes] | None = None
+) -> None:
+    """The model in HF's layout, its generation config, the optimizer state and step to resume from, and the
+    tokenizer's files, in one commit (`opt_core.files.FolderCommit`): a crash at any moment leaves the previous
+    checkpoint or this one, never the weights of one step beside the optimizer state of another."""
+    state = flax.serialization.to_bytes({"step": step, "opt_state": opt_state})
+    save_folder(
+        cfg.output,
+        params_to_canonical(params, model.config, model.head),
+        model.config,
+        model.head,
+        architecture=type(model).__name__.removeprefix("Flax"),  # HF names the torch class
+        generation_config=GenerationConfig.from_model_config(model.config),
+        fmt="safetensors",
+        dtype=cfg.save_dtype,
+        extra_files={CHECKPOINT_NAME: state, **(tokenizer_files or {})},
+    )
 
 
-def save_model(cfg: TrainConfig, model, params) -> None:
-    model.save_pretrained(cfg.output, params, safe_serialization=True, dtype=cfg.save_dtype)
-    GenerationConfig.from_model_config(model.config).save_pretrained(cfg.output)
+def tokenizer_files(tokenizer: OPTTokenizer) -> dict[str, bytes]:
+    """{file name: bytes} of the tokenizer's folder, committed with every checkpoint."""
+    with tempfile.TemporaryDirectory() as folder:
+        return {Path(path).name: Path(path).read_bytes() for path in tokenizer.save_pretrained(folder)}
 
 
 def restore_state(cfg: TrainConfig, params, opt_state) -> tuple[Any, Any, int]:
+    complete_interrupted_save(cfg.output)  # a checkpoint killed after its commit point is finished first
     path = cfg.output / CHECKPOINT_NAME
     if not path.is_file():
         raise ConfigError(f"--resume: {path} does not exist; train without --resume first")
@@ -228,8 +249,9 @@ def train(cfg: TrainConfig) -> dict:
     """Runs the training described by `cfg`; returns the final metrics. Also written to `output/training_log.jsonl`."""
     cfg = dataclasses.replace(cfg, output=Path(cfg.output), train_files=[Path(f) for f in cfg.train_files])
     cfg.output.mkdir(parents=True, exist_ok=True)
+    complete_interrupted_save(cfg.output)
     tokenizer = build_tokenizer(cfg)
-    tokenizer.save_pretrained(cfg.output)
+    tokenizer_bytes = tokenizer_files(tokenizer)  # written with each checkpoint, never on their own
     train_rows, held_out = split_data(cfg, tokenizer)
     model = build_model(cfg, tokenizer)
     optimizer = build_optimizer(cfg)
@@ -262,9 +284,9 @@ def train(cfg: TrainConfig) -> dict:
                 tokens_per_s=progress.rate,
             )
         if (step + 1) % cfg.save_every == 0:
-            save_state(cfg, model, params, opt_state, step + 1)
+            save_state(cfg, model, params, opt_state, step + 1, tokenizer_bytes)
     progress.close()
-    save_state(cfg, model, params, opt_state, cfg.steps)
+    save_state(cfg, model, params, opt_state, cfg.steps, tokenizer_bytes)
     final = {"step": cfg.steps, "held_out_perplexity": evaluate(eval_step, params, held_out, cfg.batch_size)}
     log.write(event="end", **final)
     return final
