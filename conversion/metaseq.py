@@ -177,6 +177,7 @@ def canonical_tensors(parts: list[dict[str, np.ndarray]], files: list[Path]) -> 
             differ = sorted(set(part) ^ set(names))
             raise CheckpointError(f"{file} and {files[0]} hold different parameters: {', '.join(differ[:10])}")
     _check_tied_output(parts, files)
+    source = str(files[0]) if len(files) == 1 else f"{files[0].parent}/{files[0].name.split('-model_part-')[0]}-*"
     tensors: dict[str, LazyTensor] = {}
     for name in names:
         if name in (_VERSION, _OUTPUT_PROJECTION):
@@ -185,10 +186,10 @@ def canonical_tensors(parts: list[dict[str, np.ndarray]], files: list[Path]) -> 
         if ".self_attn.qkv_proj." in name:
             for index, proj in enumerate(_QKV_ORDER):
                 new = "model." + name.replace("qkv_proj", proj)
-                tensors[new] = joined([_third(p, index, name) for p in pieces], 0, new)
+                tensors[new] = joined([_third(p, index, name, source) for p in pieces], 0, new, source)
         else:
             new = _RENAMES.get(name, "model." + name)
-            tensors[new] = joined(pieces, _partition_dim(name), new)
+            tensors[new] = joined(pieces, _partition_dim(name), new, source)
     return tensors
 
 
@@ -202,38 +203,44 @@ def _partition_dim(name: str) -> int | None:
     return None
 
 
-def _third(piece: np.ndarray, index: int, name: str) -> np.ndarray:
+def _third(piece: np.ndarray, index: int, name: str, source: str) -> np.ndarray:
     """Rows index*n .. (index+1)*n of a part's fused qkv tensor (a view)."""
     if piece.ndim not in (1, 2) or piece.shape[0] % 3:
-        raise CheckpointError(f"{name}: fused qkv of shape {list(piece.shape)} does not split in three along rows")
+        raise CheckpointError(
+            f"{source}: {name}: fused qkv of shape {list(piece.shape)} does not split in three along rows"
+        )
     rows = piece.shape[0] // 3
     return piece[index * rows : (index + 1) * rows]
 
 
-def joined(pieces: list[np.ndarray], dim: int | None, name: str) -> LazyTensor:
-    """One tensor from its model-parallel pieces: concatenated along `dim`, or (dim None) replicated and checked."""
+def joined(pieces: list[np.ndarray], dim: int | None, name: str, source: str) -> LazyTensor:
+    """One tensor from its model-parallel pieces: concatenated along `dim`, or (dim None) replicated and checked.
+
+    `source` (the files) is named in errors."""
     if len(pieces) == 1:
         return LazyTensor.wrap(pieces[0], name)
     first = pieces[0]
     if dim is None:
         if any(p.shape != first.shape or p.dtype != first.dtype for p in pieces):
-            raise CheckpointError(f"{name}: replicated across model parts, but the parts' shapes or dtypes differ")
-        return LazyTensor(first.shape, first.dtype, lambda: _replicated(pieces, name), name)
+            raise CheckpointError(
+                f"{source}: {name}: replicated across model parts, but the parts' shapes or dtypes differ"
+            )
+        return LazyTensor(first.shape, first.dtype, lambda: _replicated(pieces, name, source), name)
     others = [p.shape[:dim] + p.shape[dim + 1 :] for p in pieces]
     if any(p.ndim <= dim or o != others[0] or p.dtype != first.dtype for p, o in zip(pieces, others)):
         shapes = ", ".join(f"{p.dtype}{list(p.shape)}" for p in pieces)
-        raise CheckpointError(f"{name}: model parts do not join along dimension {dim}: {shapes}")
+        raise CheckpointError(f"{source}: {name}: model parts do not join along dimension {dim}: {shapes}")
     shape = list(first.shape)
     shape[dim] = sum(p.shape[dim] for p in pieces)
     return LazyTensor(tuple(shape), first.dtype, lambda: np.concatenate(pieces, axis=dim), name)
 
 
-def _replicated(pieces: list[np.ndarray], name: str) -> np.ndarray:
+def _replicated(pieces: list[np.ndarray], name: str, source: str) -> np.ndarray:
     for index, piece in enumerate(pieces[1:], start=1):
         if not same_bits(piece, pieces[0]):
             diff = np.abs(piece.astype(np.float64) - pieces[0].astype(np.float64)).max()
             raise CheckpointError(
-                f"{name} should be replicated across model parts, but part {index} differs from part 0 "
+                f"{source}: {name} should be replicated across model parts, but part {index} differs from part 0 "
                 f"(max abs difference {diff:.3g})"
             )
     return pieces[0]

@@ -146,11 +146,11 @@ def _write_msgpack(tensors: Tensors, path: Path, head: str) -> None:
 
 
 def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
-    return flax_msgpack.flatten(flax_msgpack.read_msgpack(path))
+    return flax_msgpack.flatten(flax_msgpack.read_msgpack(path), source=path)
 
 
 def _read_msgpack_sharded(index_path: Path) -> dict[str, np.ndarray]:
-    return flax_msgpack.flatten(flax_msgpack.read_msgpack_sharded(index_path))
+    return flax_msgpack.flatten(flax_msgpack.read_msgpack_sharded(index_path), source=index_path)
 
 
 def _widen_bfloat16(dtype: np.dtype) -> np.dtype:

@@ -14,10 +14,11 @@ Importing this module imports numpy and `tokenizers` only: torch, tensorflow and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
 
-from opt_core.errors import CheckpointError, ConfigError, InputError
+from opt_core.errors import CheckpointError, ConfigError, InputError, OPTError
 from opt_core.hub import resolve_file
 
 # fairseq's dictionary puts these four first, so they are ids 0..3 of every OPT vocabulary.
@@ -151,15 +152,17 @@ class OPTTokenizer:
         if unknown:
             raise TypeError(f"from_pretrained got unexpected arguments {unknown}; special tokens are {list(ROLES)}")
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
-        config = _read_json(_optional_file(name_or_path, "tokenizer_config.json", hub))
-        roles = _role_tokens(config, _read_json(_optional_file(name_or_path, "special_tokens_map.json", hub)))
-        roles.update({role: _as_added_token(value) for role, value in special_tokens.items()})
-        vocab, merges, added = _read_model_files(name_or_path, hub)
-        if added is None:  # no tokenizer.json: HF takes the added tokens from tokenizer_config.json
-            added = _added_tokens_of_config(config)
-        add_prefix_space = bool(config.get("add_prefix_space", False))
-        backend = _build_backend(vocab, merges, add_prefix_space)
-        _add_tokens(backend, added + [token for token in roles.values() if token is not None])
+        overrides = {role: _as_added_token(value) for role, value in special_tokens.items()}
+        with _naming_errors(name_or_path):
+            config = _read_json(_optional_file(name_or_path, "tokenizer_config.json", hub))
+            roles = _role_tokens(config, _read_json(_optional_file(name_or_path, "special_tokens_map.json", hub)))
+            roles.update(overrides)
+            vocab, merges, added = _read_model_files(name_or_path, hub)
+            if added is None:  # no tokenizer.json: HF takes the added tokens from tokenizer_config.json
+                added = _added_tokens_of_config(config)
+            add_prefix_space = bool(config.get("add_prefix_space", False))
+            backend = _build_backend(vocab, merges, add_prefix_space)
+            _add_tokens(backend, added + [token for token in roles.values() if token is not None])
         return cls(
             backend,
             **{role: None if token is None else token.content for role, token in roles.items()},
@@ -640,6 +643,17 @@ def _optional_file(name_or_path: str | os.PathLike, filename: str, hub: dict) ->
         return None  # the required files, asked for next, report why the repository cannot be read
 
 
+@contextlib.contextmanager
+def _naming_errors(name_or_path: str | os.PathLike) -> Iterator[None]:
+    """Prefixes the tokenizer's folder to an error about its files that does not name one already."""
+    try:
+        yield
+    except OPTError as err:
+        if str(name_or_path) in str(err):
+            raise
+        raise type(err)(f"{name_or_path}: {err}") from None
+
+
 def _read_json(path: Path | None) -> dict:
     if path is None:
         return {}
@@ -698,7 +712,12 @@ def _check_vocab(vocab: Any, path: Path) -> dict[str, int]:
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
     merges = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise CheckpointError(f"{path}, line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line or (number == 1 and line.startswith("#version")):
             continue
         pair = line.split(" ")

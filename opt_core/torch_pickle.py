@@ -28,6 +28,7 @@ import math
 import mmap
 import os
 import pickle
+import pickletools
 import struct
 import sys
 import zipfile
@@ -478,7 +479,65 @@ class _Context:
         return self._stubs.setdefault((module, name), _stub_class(module, name))
 
     def unpickle(self, file: IO[bytes]) -> Any:
+        start = file.tell()
+        _check_pickle(file)
+        file.seek(start)
         return _Unpickler(file, self).load()
+
+
+# A state dict's pickle holds at most ~2000 items on the unpickler's stack (SETITEMS batches of 1000 pairs) and a
+# few marks; far more means nesting built to exhaust the stack of whatever walks the result.
+_MAX_PICKLE_STACK = 10_000
+_MAX_PICKLE_MARKS = 100
+
+
+def _check_pickle(file: IO[bytes]) -> None:
+    """Walks one pickle's opcodes without building anything, refusing what would make the unpickler allocate far
+    beyond the file or build a structure nested deep enough to overflow a recursive walk: a string or int that
+    claims more bytes than the file has left (the C unpickler allocates the claimed size before reading), a memo
+    index past the opcodes that could have filled it (it grows the memo to the index), and a stack deeper than
+    `_MAX_PICKLE_STACK` items or `_MAX_PICKLE_MARKS` marks. Leaves `file` anywhere; callers seek back.
+    """
+    start = file.tell()
+    size = file.seek(0, io.SEEK_END)
+    file.seek(start)
+    stack, marks, count = 0, [], 0
+    try:
+        for opcode, arg, _ in pickletools.genops(_BoundedReader(file, size)):
+            count += 1
+            before, after = opcode.stack_before, opcode.stack_after
+            if pickletools.markobject in before:  # pops back to the last mark, and what lies below it
+                if not marks:
+                    raise _Corrupt(f"the pickle's {opcode.name} has no mark to pop to")
+                stack = marks.pop() - (len(before) - 2) + len(after)
+            elif opcode.name == "MARK":
+                marks.append(stack)
+            else:
+                stack += len(after) - len(before)
+            if stack > _MAX_PICKLE_STACK or len(marks) > _MAX_PICKLE_MARKS:
+                raise _Corrupt("the pickle nests deeper than any checkpoint does (built to exhaust the stack?)")
+            if opcode.name.endswith(("PUT", "GET")) and arg is not None and arg > count:
+                raise _Corrupt(f"the pickle's memo index {arg} is out of range")
+    except ValueError as error:  # genops: an unknown opcode, a malformed argument, the pickle ending early
+        raise _Corrupt(f"corrupt pickle ({error})") from None
+
+
+class _BoundedReader:
+    """A file for `pickletools.genops` whose reads may not claim more bytes than the file has left."""
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        self.file, self.size = file, size
+
+    def read(self, n: int = -1) -> bytes:
+        if n > self.size - self.file.tell():
+            raise _Corrupt(f"the pickle claims a {n}-byte value, longer than what follows it in the file")
+        return self.file.read(n)
+
+    def readline(self) -> bytes:
+        return self.file.readline(max(self.size - self.file.tell(), 0))
+
+    def tell(self) -> int:
+        return self.file.tell()
 
 
 class _Unpickler(pickle.Unpickler):
