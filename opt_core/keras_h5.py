@@ -55,9 +55,14 @@ Not written by Keras but by HF directly, and laid out differently from the singl
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -196,7 +201,7 @@ def _dataset(parent: h5py.Group, name: str, path: Path, what: str) -> np.ndarray
         # Keras and HF write contiguous, unfiltered datasets: map them, as safetensors, instead of copying.
         if offset + nbytes > size:
             raise CheckpointError(f"{path}: {what} {name!r} runs past the end of the file (truncated?)")
-        return np.memmap(path, dtype=node.dtype, mode="r", offset=offset, shape=node.shape).view(np.ndarray)
+        return _Located(path.name, offset, node.dtype.str, list(node.shape))
     return np.asarray(node)  # as HF does; node[()] would give a numpy scalar for 0-d weights
 
 
@@ -214,6 +219,20 @@ def _not_keras(path: Path, missing: str) -> CheckpointError:
 
 
 def read_h5(path: str | os.PathLike) -> H5Weights:
+    """Read a single-file Keras-2 h5 weights file such as HF's `tf_model.h5` (see `_parse_h5`).
+
+    The HDF5 structure is parsed in a child process (`_in_child`): libhdf5 can hang or crash on a crafted file.
+    """
+    return _in_child("file", Path(path))
+
+
+def read_h5_sharded(index_path: str | os.PathLike) -> H5Weights:
+    """Read HF's sharded TF checkpoint from its `tf_model.h5.index.json` (see `_parse_h5_sharded`), parsed in a
+    child process as `read_h5`."""
+    return _in_child("index", Path(index_path))
+
+
+def _parse_h5(path: str | os.PathLike) -> H5Weights:
     """Read a single-file Keras-2 h5 weights file such as HF's `tf_model.h5`.
 
     Args:
@@ -253,7 +272,7 @@ def read_h5(path: str | os.PathLike) -> H5Weights:
     return weights
 
 
-def read_h5_sharded(index_path: str | os.PathLike) -> H5Weights:
+def _parse_h5_sharded(index_path: str | os.PathLike) -> H5Weights:
     """Read HF's sharded TF checkpoint from its `tf_model.h5.index.json`.
 
     Args:
@@ -283,6 +302,126 @@ def read_h5_sharded(index_path: str | os.PathLike) -> H5Weights:
     missing = [k for k in weight_map if _strip_instance(k)[1] not in weights]
     if missing:
         raise CheckpointError(f"{index_path}: weights it lists are in no shard: {missing}")
+    return weights
+
+
+# --------------------------------------------------------------------------------------------------
+# the child process that parses HDF5
+#
+# libhdf5 is C code written for trusted files: fuzzing found a tf_model.h5 a few bytes away from a real one on
+# which reading an attribute never returns (a corrupt global heap), and the library's history has crashes of the
+# same kind. So the parsing runs in a child process with a time and memory limit; a hang or crash there becomes
+# a CheckpointError naming the file, and the caller's interpreter is never at stake. The child sends back where
+# each weight's bytes lie in the checkpoint file (Keras writes contiguous, unfiltered datasets); this process
+# checks each location against the file's size and maps it, so the weights are never copied. Anything else
+# (chunked or compressed data, 0-d weights) the child copies into a side file.
+
+# Seconds the child may take: its work is the file's metadata, plus copying whatever is not contiguous.
+CHILD_TIMEOUT_S = 120.0
+_CHILD_BYTES_PER_S = 32 * 2**20
+_CHILD_MEMORY = 2 * 2**30  # address space beyond twice the checkpoint's size (Python, numpy, h5py themselves)
+
+
+class _Located(NamedTuple):
+    """A contiguous dataset: `file` (a name in the checkpoint's folder) holds it at `offset`."""
+
+    file: str
+    offset: int
+    dtype: str
+    shape: list[int]
+
+
+def _in_child(kind: str, path: Path) -> H5Weights:
+    """`_parse_h5(path)` ("file") or `_parse_h5_sharded(path)` ("index") run in a child process."""
+    size = _total_size(path)
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    with tempfile.TemporaryDirectory(prefix="opt-h5-") as tmp:
+        side = Path(tmp) / "copied"
+        command = [sys.executable, "-c", _CHILD_MAIN, kind, str(path), str(side)]
+        timeout = CHILD_TIMEOUT_S + size / _CHILD_BYTES_PER_S
+        try:
+            done = subprocess.run(
+                command, env=env, capture_output=True, timeout=timeout, preexec_fn=_limit_memory(size), check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise CheckpointError(
+                f"{path}: the HDF5 library did not finish reading the file in {timeout:.0f} s; it is corrupt or crafted"
+            ) from None
+        reply = done.stdout.decode("utf-8", "replace").strip().rpartition("\n")[2]
+        if done.returncode != 0 or not reply.startswith("{"):
+            how = f"was killed by signal {-done.returncode}" if done.returncode < 0 else f"failed ({done.returncode})"
+            detail = done.stderr.decode("utf-8", "replace").strip().rpartition("\n")[2][:300]
+            raise CheckpointError(
+                f"{path}: the HDF5 library {how} reading the file; it is corrupt or crafted ({detail or 'no message'})"
+            )
+        manifest = json.loads(reply)
+        if "error" in manifest:
+            raise CheckpointError(manifest["error"])
+        return _weights_of(manifest, path, side)
+
+
+_CHILD_MAIN = "import sys; from opt_core.keras_h5 import _child_main; _child_main(*sys.argv[1:])"
+
+
+def _total_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # the child names the missing file
+
+
+def _limit_memory(size: int):
+    if os.name != "posix":
+        return None
+
+    def limit() -> None:
+        import resource
+
+        cap = _CHILD_MEMORY + 2 * size
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    return limit
+
+
+def _child_main(kind: str, path: str, side: str) -> None:
+    """The child: parses, copies what cannot be mapped into `side`, prints the manifest (or the error) as JSON."""
+    try:
+        weights = _parse_h5(path) if kind == "file" else _parse_h5_sharded(path)
+        entries = []
+        with open(side, "wb") as out:
+            for name, value in weights.items():
+                if isinstance(value, _Located):
+                    entries.append([name, *value])
+                else:
+                    array = np.asarray(value)
+                    entries.append([name, None, out.tell(), array.dtype.str, list(array.shape)])
+                    out.write(array.tobytes())  # C order; tofile would flatten a 0-d weight to 1-d
+        reply = {"instance_name": weights.instance_name, "weights": entries}
+    except CheckpointError as error:
+        reply = {"error": str(error)}
+    except MemoryError:
+        reply = {"error": f"{path}: reading it needs far more memory than its size; it is corrupt or crafted"}
+    print(json.dumps(reply), flush=True)
+
+
+def _weights_of(manifest: dict, path: Path, side: Path) -> H5Weights:
+    """The child's manifest as arrays: mapped from the checkpoint's files (each location checked) or the side file."""
+    folder = path.parent
+    weights = H5Weights(instance_name=str(manifest["instance_name"]))
+    for name, file, offset, dtype, shape in manifest["weights"]:
+        dtype = np.dtype(dtype)
+        if dtype.kind not in _STORABLE_KINDS or any(not isinstance(n, int) or n < 0 for n in shape):
+            raise CheckpointError(f"{path}: weight {name!r} has an unreadable type {dtype} or shape {shape}")
+        source = side if file is None else folder / Path(file).name
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if offset < 0 or offset + nbytes > source.stat().st_size:
+            raise CheckpointError(f"{path}: weight {name!r} runs past the end of {source.name}")
+        if file is None:
+            weights[name] = np.fromfile(source, dtype, int(np.prod(shape)), offset=offset).reshape(tuple(shape))
+        else:
+            weights[name] = np.memmap(source, dtype=dtype, mode="r", offset=offset, shape=tuple(shape)).view(np.ndarray)
     return weights
 
 
