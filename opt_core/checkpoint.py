@@ -9,13 +9,14 @@ earlier save) and `opt_core.weights` (the parameter table and each format's nami
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from opt_core.config import OPTConfig
-from opt_core.dtypes import to_numpy_dtype
+from opt_core.dtypes import FLOAT_DTYPES, to_numpy_dtype
 from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, get_format, read_checkpoint, write_tensors
 from opt_core.weights import MatchResult, match_checkpoint, to_file_tensors
 
@@ -26,7 +27,34 @@ def load_checkpoint(path: str | os.PathLike, config: OPTConfig, head: str, fmt: 
     Arrays keep the file's dtype and may be read-only memory-mapped views; cast or copy them as needed.
     """
     fmt, tensors = read_checkpoint(path, fmt)
-    return match_checkpoint(tensors, config, head, get_format(fmt).style, source=str(path))
+    match = match_checkpoint(tensors, config, head, get_format(fmt).style, source=str(path))
+    warn_non_finite(match.tensors, str(path))
+    return match
+
+
+_FLOATS = {np.dtype(dtype) for dtype in FLOAT_DTYPES.values()} | {np.dtype(np.float64)}
+_CHECK_BYTES = 1 << 24  # checked a block at a time, so the check never allocates a tensor-sized mask
+
+
+def warn_non_finite(tensors: Mapping[str, np.ndarray], source: str) -> list[str]:
+    """Warns, naming each tensor, when weights hold NaN or infinity (the model would compute NaN from them, as a
+    checkpoint saved after a diverged run does); the weights still load, as HF loads them. Returns the names."""
+    bad = []
+    for name, array in tensors.items():
+        if np.dtype(array.dtype) in _FLOATS and not _all_finite(array):
+            values = np.asarray(array)
+            nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+            bad.append(f"{name} ({nan} NaN, {inf} infinite of {values.size})")
+    if bad:
+        warnings.warn(f"{source}: weights that are not finite: {'; '.join(bad)}", stacklevel=3)
+    return bad
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    if array.ndim == 0:
+        return bool(np.isfinite(array))
+    rows = max(1, _CHECK_BYTES // max(1, array[0].nbytes))
+    return all(np.isfinite(array[i : i + rows]).all() for i in range(0, array.shape[0], rows))
 
 
 def save_checkpoint(
