@@ -403,6 +403,8 @@ def _child_main(kind: str, path: str, side: str) -> None:
         reply = {"error": str(error)}
     except MemoryError:
         reply = {"error": f"{path}: reading it needs far more memory than its size; it is corrupt or crafted"}
+    except Exception as error:  # h5py raises many types on corrupt structures; never a traceback from the child
+        reply = {"error": f"{path}: not a readable Keras h5 file ({type(error).__name__}: {error})"}
     print(json.dumps(reply), flush=True)
 
 
