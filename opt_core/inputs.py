@@ -22,7 +22,8 @@ def validate_inputs(
     past_length: int,
     batch_and_length: tuple[int, int],
 ) -> None:
-    """Raises InputError naming the problem (token id, length, shape). Arrays are host numpy arrays.
+    """Raises InputError naming the argument and the bad value (token id, length, shape, dtype, mask value),
+    before any compute. Arrays are host numpy arrays.
 
     Args:
         input_ids: B T token ids, or None when the caller passes embeddings.
@@ -31,18 +32,18 @@ def validate_inputs(
         past_length: positions already in the cache.
         batch_and_length: (B, T) of the new tokens.
     """
-    batch, length = batch_and_length
     if input_ids is not None:
         _check_token_ids(config, input_ids)
+    _check_not_empty(input_ids, batch_and_length)
+    batch, length = batch_and_length
     mask_shape = None if attention_mask is None else attention_mask.shape
     position_shape = None if position_ids is None else position_ids.shape
     check_shapes(mask_shape, position_shape, past_length, batch_and_length)
-    if attention_mask is not None and not np.isin(attention_mask, (0, 1)).all():
-        raise InputError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    if attention_mask is not None:
+        _check_attention_mask(attention_mask)
     if position_ids is not None:
+        _check_position_ids(position_ids)
         last = int(position_ids.max(initial=-1))
-        if int(position_ids.min(initial=0)) < -2:
-            raise InputError(f"position_ids must be >= -2 (OPT looks positions up at +2), got {position_ids.min()}")
     elif attention_mask is not None:
         last = int(attention_mask.sum(axis=1).max(initial=0)) - 1
     else:
@@ -75,6 +76,8 @@ def check_shapes(mask_shape, position_shape, past_length: int, batch_and_length:
 
 
 def _check_token_ids(config: OPTConfig, input_ids: np.ndarray) -> None:
+    if input_ids.ndim != 2:
+        raise InputError(f"input_ids must be B T token ids (or one row of T), got shape {tuple(input_ids.shape)}")
     if not np.issubdtype(input_ids.dtype, np.integer):
         raise InputError(f"input_ids must be integers, got dtype {input_ids.dtype}")
     if input_ids.size == 0:
@@ -86,6 +89,38 @@ def _check_token_ids(config: OPTConfig, input_ids: np.ndarray) -> None:
             f"token id {int(input_ids[where])} at position {where} is out of range: the model's vocab_size is "
             f"{config.vocab_size} (ids must be in [0, {config.vocab_size}))"
         )
+
+
+def _check_not_empty(input_ids: np.ndarray | None, batch_and_length: tuple[int, int]) -> None:
+    """An empty batch or a row of no tokens has nothing to compute (frameworks fail on it in their own ways)."""
+    batch, length = batch_and_length
+    if batch == 0 or length == 0:
+        name, shape = ("input_ids", input_ids.shape) if input_ids is not None else ("inputs_embeds", batch_and_length)
+        what = "the batch is empty" if batch == 0 else "its rows hold no tokens"
+        raise InputError(f"{name} has shape {tuple(shape)}: {what}")
+
+
+def _check_attention_mask(attention_mask: np.ndarray) -> None:
+    """1 for real tokens and 0 for padding, as integers, bools or floats (HF accepts each)."""
+    if attention_mask.dtype.kind not in "biuf":
+        raise InputError(
+            f"attention_mask must hold 0 (padding) and 1 (real token) as integers, bools or floats, got dtype "
+            f"{attention_mask.dtype}"
+        )
+    bad = ~np.isin(attention_mask, (0, 1))  # nan included
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(
+            f"attention_mask must hold only 0 (padding) and 1 (real token), got {attention_mask[where].item()!r} "
+            f"at position {where}"
+        )
+
+
+def _check_position_ids(position_ids: np.ndarray) -> None:
+    if position_ids.dtype.kind not in "iu":
+        raise InputError(f"position_ids must be integers, got dtype {position_ids.dtype}")
+    if int(position_ids.min(initial=0)) < -2:
+        raise InputError(f"position_ids must be >= -2 (OPT looks positions up at +2), got {position_ids.min()}")
 
 
 def check_static_cache(
@@ -101,6 +136,8 @@ def check_static_cache(
         mask_shape: the attention mask's shape, or None.
     """
     batch, length = batch_and_length
+    if past_length is not None and past_length < 0:
+        raise InputError(f"cache_position starts at {past_length}: the new tokens' cache slots must be >= 0")
     if cache_batch != batch:
         raise InputError(f"the cache was made for a batch of {cache_batch}, the inputs have a batch of {batch}")
     if past_length is not None and past_length + length > cache_length:
