@@ -3,9 +3,10 @@ that loads as the previous checkpoint (A) or the new one (B), bit for bit, never
 was and says so.
 
 Writers: `save_pretrained` of opt_torch, opt_tf and opt_flax, `python -m conversion` (its `main`), and the Flax
-trainer's checkpoint (`opt_flax.train.save_state`, what `opt-lm train` calls). Each is killed TRIALS times while it
-saves B over A, with small shards (up to ten files) and A and B differing in format, shard count, dtype, weights and
-generation config, so that a save overwrites files, adds others and removes A's.
+trainer's checkpoint (`opt_flax.train.save_state`, what `opt-lm train` calls). Each is killed TRIALS +
+OPERATION_TRIALS times while it saves B over A, with small shards (up to fifteen files) and A and B differing in
+format, shard count, dtype, weights and generation config, so that a save overwrites files, adds others and removes
+A's.
 
 How, fast on 2 cores: one zygote process per framework imports it, loads the two models and warms the save path up
 once; each trial it forks a child that writes "S" on a pipe, saves B through the real public method, writes "D" and
@@ -21,11 +22,16 @@ arrays it returned in the zygote, and Flax params are numpy pytrees (`save_pretr
 -> `opt_core.pretrained` -> `checkpoint` -> `formats` -> the per-format writers and the commit; only reading the
 variables out of the runtime happens before the fork.
 
-Where the kills land: half the trials sleep uniformly over the whole save, half over its commit phase (from the
-first rename into the folder to the end), both measured per scenario before the trials; the child writes "C" at
-that first rename. Each writer's test prints how many kills landed before the commit phase, inside it, and after
-the save had finished; a typical run on 2 cores lands about 95% of the kills inside the save and 40% inside the
-commit phase.
+Where the kills land: TRIALS kills at random moments (a uniform part of a save's duration, drawn from the durations
+measured so far: they vary several-fold with the disk's fsync latency), and OPERATION_TRIALS more, each right before
+a random file operation of the save (rename, removal, sync; half of them drawn from its commit phase), which the
+child counts and where it SIGKILLs itself, so that every step of the commit is hit. The child says "C" at the first
+rename into the folder (or of the folder itself), where the commit phase begins. Each writer's test prints how many
+kills landed before the commit phase, inside it, and after the save; a typical run on 2 cores: 40-48 of the 50 timed
+kills inside the save (mostly while the files are written and synced: the commit phase is short), and 15-21 of the
+25 operation kills inside the commit phase. The same trials on the code before the journal (one rename per file)
+leave 42-59 bad folders per save_pretrained writer, 48 for the trainer, and 1-2 for conversion (whose only window
+was between moving the old folder aside and the new one in).
 """
 
 from __future__ import annotations
