@@ -287,6 +287,8 @@ def _read_journal(folder: Path) -> tuple[list[tuple[str, str]], list[str]] | Non
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot read this interrupted save's journal ({error})") from None
     try:
+        if journal["version"] != JOURNAL_VERSION:
+            raise ValueError(f"version {journal['version']!r}, this library reads {JOURNAL_VERSION}")
         renames = [(str(tmp), str(final)) for tmp, final in journal["renames"]]
         removals = [str(name) for name in journal["removals"]]
         for tmp, final in renames:

@@ -348,15 +348,3 @@ def other_weights(folder: Path, keep: set[str]) -> list[str]:
         for path in sorted(folder.iterdir())
         if path.name not in keep and path.is_file() and any(entry.owns(path.name) for entry in FORMATS.values())
     ]
-
-
-def remove_other_weights(folder: Path, keep: set[str]) -> list[str]:
-    """Removes every checkpoint file of any format in `folder` except `keep` (`other_weights`), in one commit;
-    returns and logs what went."""
-    folder = Path(folder)
-    complete_interrupted_save(folder)
-    with FolderCommit(folder) as commit:
-        removed = commit.commit(removals=lambda: other_weights(folder, keep))
-    if removed:
-        logger.warning("removed the earlier weights in %s that the new save replaces: %s", folder, ", ".join(removed))
-    return removed
