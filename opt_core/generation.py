@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import queue
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from opt_core.errors import ConfigError
+from opt_core.errors import ConfigError, InputError
 from opt_core.files import atomic_write_text
 from opt_core.inputs import validate_inputs
 
@@ -105,7 +106,7 @@ class GenerationConfig:
             raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
         config = cls.from_dict(data)
         try:
-            config.validate()
+            config.validate(strategy=False)
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from None
         return config
@@ -136,8 +137,23 @@ class GenerationConfig:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
-    def validate(self) -> None:
-        """Raises ConfigError naming the first field whose type or value is wrong."""
+    def validate(self, strategy: bool = True) -> None:
+        """Raises ConfigError naming the first field whose type or value is wrong, or two fields that cannot go
+        together, with the value. HF's rules where HF raises (`GenerationConfig.validate`, its logits processors);
+        where HF only warns or ignores a value, it is refused too (the table in tests/test_bad_arguments.py).
+
+        Args:
+            strategy: also check that the options pick one decoding strategy this library runs (beam sampling and
+                contrastive search with sampling or beams it does not). Loading a generation_config.json skips
+                this, so that a file written for another library still loads; generate checks it.
+        """
+        self._validate_types()
+        self._validate_ranges()
+        self._validate_combinations()
+        if strategy:
+            self._validate_strategy()
+
+    def _validate_types(self) -> None:
         for name, kinds in _FIELD_TYPES.items():
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds)):
@@ -148,21 +164,54 @@ class GenerationConfig:
             items = value if isinstance(value, list) else [value]
             if value is not None and not all(isinstance(v, item) and not isinstance(v, bool) for v in items):
                 raise ConfigError(f"GenerationConfig.{name} must be one {item.__name__} or a list, got {value!r}")
-        if self.num_beams < 1 or self.num_return_sequences < 1:
-            raise ConfigError("num_beams and num_return_sequences must be at least 1")
+        if not isinstance(self.early_stopping, bool) and self.early_stopping != "never":
+            raise ConfigError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
+
+    def _validate_ranges(self) -> None:
+        for name, low in _AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"{name} must be at least {low}, got {value!r}")
+        for name, (allowed, rule) in _FLOAT_RULES.items():
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and allowed(value)):
+                raise ConfigError(f"{name} must be {rule}, got {value!r}")
+        if self.do_sample and self.temperature == 0:
+            raise ConfigError(
+                f"temperature must be > 0 when do_sample=True, got {self.temperature!r} "
+                "(for greedy decoding, set do_sample=False)"
+            )
+        if self.stop_strings is not None and "" in _as_list(self.stop_strings):
+            raise ConfigError(f"stop_strings must not hold '' (every text ends with it), got {self.stop_strings!r}")
+
+    def _validate_combinations(self) -> None:
+        low, high = self.min_new_tokens, self.max_new_tokens
+        if low is not None and high is not None and low > high:
+            raise ConfigError(f"min_new_tokens={low} is more than max_new_tokens={high}")
         if self.num_return_sequences > self.num_beams and not self.do_sample:
             raise ConfigError(
                 f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams}) "
                 "for greedy and beam search"
             )
-        if self.do_sample and self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+
+    def _validate_strategy(self) -> None:
+        alpha, beams = f"penalty_alpha={self.penalty_alpha}", f"num_beams={self.num_beams}"
+        contrastive = self.penalty_alpha is not None and self.penalty_alpha > 0
+        unsupported = [  # (refused, first option, second option, why)
+            (self.do_sample and self.num_beams > 1, "do_sample=True", beams, "beam sampling is not implemented"),
+            (contrastive and self.do_sample, alpha, "do_sample=True", "contrastive search does not sample"),
+            (contrastive and self.num_beams > 1, alpha, beams, "contrastive search keeps no beams"),
+        ]
+        for refused, first, second, why in unsupported:
+            if refused:
+                raise ConfigError(
+                    f"{first} with {second} is not supported: {why}. Choose one strategy: greedy, sampling "
+                    "(do_sample=True), beam search (num_beams > 1) or contrastive search (penalty_alpha > 0, top_k > 1)"
+                )
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 _INT, _NUMBER, _BOOL = (int,), (int, float), (bool,)
@@ -172,6 +221,17 @@ _FIELD_TYPES = {  # the JSON types generation_config.json may give each field (N
     **dict.fromkeys(("no_repeat_ngram_size", "num_return_sequences", "bos_token_id", "pad_token_id"), _INT),
     **dict.fromkeys(("temperature", "top_p", "repetition_penalty", "length_penalty", "penalty_alpha"), _NUMBER),
     **dict.fromkeys(("do_sample", "use_cache"), _BOOL),
+}
+_AT_LEAST = {  # the smallest value of each integer field (top_k=0 and no_repeat_ngram_size=0 turn them off)
+    **dict.fromkeys(("max_new_tokens", "max_length", "num_beams", "num_return_sequences"), 1),
+    **dict.fromkeys(("min_length", "min_new_tokens", "top_k", "no_repeat_ngram_size"), 0),
+}
+_FLOAT_RULES = {  # each float field's allowed values (all finite), and the rule in words
+    "temperature": (lambda t: t >= 0, "a finite number >= 0 (> 0 when sampling)"),
+    "top_p": (lambda p: 0 < p <= 1, "in (0, 1]"),
+    "repetition_penalty": (lambda r: r > 0, "a finite number > 0"),
+    "length_penalty": (lambda _: True, "a finite number"),
+    "penalty_alpha": (lambda a: 0 <= a <= 1, "in [0, 1]"),
 }
 
 
@@ -240,18 +300,11 @@ def decode_options(
     """Resolves HF's length rules and special ids for a batch of `batch_size` rows, checking them against the
     model's `max_positions`."""
     config.validate()
-    if config.max_new_tokens is not None:
-        max_length = prompt_length + config.max_new_tokens
-    else:
-        max_length = max(config.max_length, prompt_length)
-    if max_length > max_positions:
-        raise ConfigError(
-            f"generating up to {max_length} tokens (prompt {prompt_length} + new) exceeds the model's "
-            f"max_position_embeddings={max_positions}; lower max_new_tokens or max_length"
-        )
+    max_length = _max_length(config, prompt_length, max_positions)
     min_length = config.min_length
     if config.min_new_tokens is not None:
         min_length = max(min_length, prompt_length + config.min_new_tokens)
+    _check_min_length(config, prompt_length, max_length)
     eos_ids = config.eos_ids
     pad = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     strategy = decoding_strategy(config)
@@ -290,6 +343,40 @@ def decode_options(
     )
 
 
+def _max_length(config: GenerationConfig, prompt_length: int, max_positions: int) -> int:
+    """T0 + M: max_new_tokens wins over max_length, which counts the prompt and must leave room after it (HF's
+    rule: it raises when the prompt is as long as max_length)."""
+    if config.max_new_tokens is not None:
+        max_length = prompt_length + config.max_new_tokens
+    elif config.max_length <= prompt_length:
+        raise ConfigError(
+            f"max_length={config.max_length} leaves no room for new tokens after the prompt of {prompt_length} "
+            "tokens (max_length counts the prompt): raise max_length, or set max_new_tokens"
+        )
+    else:
+        max_length = config.max_length
+    if max_length > max_positions:
+        raise ConfigError(
+            f"generating up to {max_length} tokens (prompt {prompt_length} + new) exceeds the model's "
+            f"max_position_embeddings={max_positions}; lower max_new_tokens or max_length"
+        )
+    return max_length
+
+
+def _check_min_length(config: GenerationConfig, prompt_length: int, max_length: int) -> None:
+    """A minimum the call can never reach is refused (HF warns and stops at the maximum)."""
+    if config.min_length > max_length:
+        raise ConfigError(
+            f"min_length={config.min_length} is more than max_length={max_length}, the most this call can reach "
+            f"(prompt {prompt_length} + at most {max_length - prompt_length} new tokens)"
+        )
+    if config.min_new_tokens is not None and prompt_length + config.min_new_tokens > max_length:
+        raise ConfigError(
+            f"min_new_tokens={config.min_new_tokens} is more than the {max_length - prompt_length} new tokens "
+            f"max_length={max_length} leaves after the prompt of {prompt_length}"
+        )
+
+
 @dataclasses.dataclass
 class GenerationCall:
     """One `generate` call, set up: the expanded prompt, the options, the random draws and the host-side helpers.
@@ -300,7 +387,7 @@ class GenerationCall:
         attention_mask: B T0 int64.
         options: the resolved `DecodeOptions`.
         uniforms: B M float32 draws in [0, 1) for sampling (zeros when not sampling).
-        streamer: receives the prompt, then each new token; None for beam search, which does not stream.
+        streamer: receives the prompt, then each new token; None when not given.
         stop_strings: a `StopStrings` checker, or None.
     """
 
@@ -311,18 +398,6 @@ class GenerationCall:
     uniforms: np.ndarray
     streamer: Any
     stop_strings: StopStrings | None
-
-    @property
-    def nothing_to_generate(self) -> bool:
-        return self.options.max_new_tokens == 0
-
-    def prompt_only(self) -> np.ndarray:
-        """HF's result when there is no room for new tokens: the prompt, one row per returned sequence."""
-        input_ids = self.input_ids
-        if self.options.strategy == "beam":
-            beams, keep = self.config.num_beams, self.config.num_return_sequences
-            input_ids = input_ids.reshape(-1, beams, input_ids.shape[1])[:, :keep].reshape(-1, input_ids.shape[1])
-        return input_ids.astype(np.int64)
 
 
 def prepare_generation(
@@ -339,6 +414,9 @@ def prepare_generation(
     """Everything `generate` does before its loop, for every framework: options, prompt checks and expansion,
     lengths, stop strings and the seeded draws. Arrays in and out are host numpy arrays.
 
+    Every argument is checked here, before the model computes anything: a wrong one raises ConfigError (options,
+    special ids, seed, streamer) or InputError (the prompt), naming it and its value.
+
     Args:
         model: the model: its `config` (special ids, max_position_embeddings, vocab) and its own
             `generation_config` (generation_config.json), if any.
@@ -348,18 +426,12 @@ def prepare_generation(
         streamer, seed, tokenizer: as `generate`'s.
         **kwargs: GenerationConfig fields for this call; an unknown one raises, naming it.
     """
-    model_config, model_generation_config = model.config, getattr(model, "generation_config", None)
-    base = generation_config or model_generation_config or GenerationConfig.from_model_config(model_config)
-    config = base.updated(**kwargs)
-    if input_ids is None:
-        input_ids = np.full((1, 1), model_config.bos_token_id, dtype=np.int64)
-    input_ids = np.asarray(input_ids)
-    if input_ids.ndim == 1:
-        input_ids = input_ids[None]
-    attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-    validate_inputs(model_config, input_ids, attention_mask, None, 0, input_ids.shape)
-    if config.stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need the tokenizer: generate(..., tokenizer=tokenizer)")
+    model_config = model.config
+    config = _call_config(model, generation_config, kwargs)
+    config.validate()
+    _check_call_arguments(config, streamer, seed, tokenizer)
+    _check_special_ids(config, model_config.vocab_size)
+    input_ids, attention_mask = _host_prompt(model_config, config, input_ids, attention_mask)
     expand = config.num_beams if config.num_beams > 1 else config.num_return_sequences
     input_ids = np.repeat(input_ids.astype(np.int64), expand, axis=0)
     attention_mask = np.repeat(attention_mask.astype(np.int64), expand, axis=0)
@@ -374,6 +446,86 @@ def prepare_generation(
     return GenerationCall(
         config, input_ids, attention_mask, options, uniforms, streamer if options.stream else None, stops
     )
+
+
+def _call_config(model: Any, generation_config: Any, kwargs: dict[str, Any]) -> GenerationConfig:
+    """The GenerationConfig in force: the call's (or the model's, or the config's special ids), updated with the
+    call's keywords."""
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise ConfigError(
+            f"generation_config must be a GenerationConfig, got a {type(generation_config).__name__}: "
+            "GenerationConfig(**options), or pass the options as keywords"
+        )
+    model_generation_config = getattr(model, "generation_config", None)
+    base = generation_config or model_generation_config or GenerationConfig.from_model_config(model.config)
+    return base.updated(**kwargs)
+
+
+def _check_call_arguments(config: GenerationConfig, streamer: Any, seed: Any, tokenizer: Any) -> None:
+    """generate's own arguments, next to the options they go with."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ConfigError(f"seed must be a non-negative integer or None, got {seed!r}")
+    if streamer is not None:
+        if not all(callable(getattr(streamer, method, None)) for method in ("put", "end")):
+            raise ConfigError(f"streamer must have put(ids) and end() methods; a {type(streamer).__name__} has not")
+        if config.num_beams > 1:
+            raise ConfigError(
+                f"streamer with num_beams={config.num_beams} is not supported: beam search settles its text only at "
+                "the end; pass streamer=None or num_beams=1"
+            )
+    if config.stop_strings and tokenizer is None:
+        raise ConfigError(
+            f"stop_strings={config.stop_strings!r} need the tokenizer: generate(..., tokenizer=tokenizer)"
+        )
+
+
+def _check_special_ids(config: GenerationConfig, vocab_size: int) -> None:
+    """eos and pad ids are fed back to the model and returned: they must be rows of its embedding."""
+    for name in ("eos_token_id", "pad_token_id"):
+        value = getattr(config, name)
+        bad = [i for i in _as_list(value) if not 0 <= i < vocab_size] if value is not None else []
+        if bad:
+            which = f" holds {bad[0]}, which" if isinstance(value, (list, tuple)) else ""
+            raise ConfigError(
+                f"{name}={value!r}{which} is outside the model's vocabulary: vocab_size={vocab_size}, "
+                f"ids must be in [0, {vocab_size})"
+            )
+
+
+def _host_prompt(model_config, config: GenerationConfig, input_ids: Any, attention_mask: Any):
+    """B T0 prompt ids and mask as checked host arrays; a lone bos token (the call's bos_token_id) when None."""
+    if input_ids is None:
+        bos = config.bos_token_id if config.bos_token_id is not None else model_config.bos_token_id
+        if bos is None or not 0 <= bos < model_config.vocab_size:
+            raise ConfigError(
+                f"input_ids=None starts from bos_token_id={bos!r}, which is not an id of the model's vocabulary "
+                f"(vocab_size={model_config.vocab_size}): pass input_ids or a bos_token_id"
+            )
+        input_ids = np.full((1, 1), bos, dtype=np.int64)
+    input_ids = _host_array("input_ids", input_ids)
+    attention_mask = (
+        np.ones_like(input_ids) if attention_mask is None else _host_array("attention_mask", attention_mask)
+    )
+    if input_ids.ndim == 1 and attention_mask.ndim == 1:
+        input_ids, attention_mask = input_ids[None], attention_mask[None]  # T0 -> 1 T0, as HF does
+    elif input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    validate_inputs(model_config, input_ids, attention_mask, None, 0, input_ids.shape)
+    return input_ids, attention_mask
+
+
+def _host_array(name: str, value: Any) -> np.ndarray:
+    """A numpy array of `value` (numpy, a framework's host array, nested lists); ragged rows are named."""
+    try:
+        return np.asarray(value)
+    except ValueError as error:  # numpy refuses rows of different lengths
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{name} cannot be read as an array: {error}") from None
+        lengths = ", ".join(str(len(row)) if hasattr(row, "__len__") else "?" for row in value)
+        raise InputError(
+            f"{name} has rows of lengths {lengths}: pad them on the left to one length, with 0 at the padding "
+            "in the attention_mask"
+        ) from None
 
 
 def load_generation_config(folder: str | os.PathLike, config) -> GenerationConfig:

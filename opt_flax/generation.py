@@ -487,8 +487,8 @@ class GenerationMixin:
             attention_mask: B T0, 0 for padding; all ones when None.
             generation_config: defaults to the model's (or the config's special ids).
             streamer: receives the prompt, then each new token (batch of one): `put(ids)`, then `end()`; the
-                tokens come from inside the compiled loop through an ordered `io_callback`. Beam search does not
-                stream (as the torch implementation).
+                tokens come from inside the compiled loop through an ordered `io_callback`. A streamer with beam
+                search is refused (it settles its text only at the end), as in every framework.
             seed: seeds the sampling draws (reproducible, and identical across the three frameworks).
             tokenizer: needed for `stop_strings` (checked on the host at each step).
             params: the params pytree; `self.params` when None.
@@ -497,8 +497,6 @@ class GenerationMixin:
         call = prepare_generation(
             self, input_ids, attention_mask, generation_config, streamer, seed, tokenizer, **kwargs
         )
-        if call.nothing_to_generate:
-            return call.prompt_only()
         run = self._decoding_function(call.options.strategy)
         params = self._decode_params(self.params if params is None else params)
         input_ids, attention_mask = call.input_ids.astype(np.int32), call.attention_mask.astype(np.int32)

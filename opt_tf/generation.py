@@ -623,7 +623,7 @@ class GenerationMixin:
             attention_mask: B T0, 0 for padding; all ones when None.
             generation_config: defaults to the model's (generation_config.json, or the config's special ids).
             streamer: receives the prompt, then each new token (batch of one): `put(ids)`, then `end()`. Decoding
-                then runs as a host loop of compiled steps. Beam search does not stream (as opt_torch).
+                then runs as a host loop of compiled steps. Refused with beam search (as opt_torch).
             seed: seeds the sampling draws (reproducible, and identical across the three frameworks).
             tokenizer: needed for `stop_strings` (checked on the host after each compiled step).
             **kwargs: GenerationConfig fields, e.g. max_new_tokens=50, do_sample=True, top_p=0.9.
@@ -631,8 +631,6 @@ class GenerationMixin:
         call = prepare_generation(
             self, input_ids, attention_mask, generation_config, streamer, seed, tokenizer, **kwargs
         )
-        if call.nothing_to_generate:
-            return call.prompt_only()
         if call.streamer is not None:
             call.streamer.put(call.input_ids)
         sequences, length = self._decode(call)

@@ -137,7 +137,8 @@ class GenerationMixin:
             input_ids: B T0 prompt ids (left-padded for batches of different lengths).
             attention_mask: B T0, 0 for padding; all ones when None.
             generation_config: defaults to the model's (generation_config.json, or the config's special ids).
-            streamer: receives the prompt, then each new token (batch of one): `put(ids)`, then `end()`.
+            streamer: receives the prompt, then each new token (batch of one): `put(ids)`, then `end()`; refused
+                with beam search, which settles its text only at the end.
             seed: seeds the sampling draws (reproducible, and identical across the three frameworks).
             tokenizer: needed for `stop_strings`.
             compile: run the decode step through `torch.compile` (one compilation per batch size and length).
@@ -145,8 +146,6 @@ class GenerationMixin:
         """
         prompt, mask = _host(input_ids), _host(attention_mask)
         call = prepare_generation(self, prompt, mask, generation_config, streamer, seed, tokenizer, **kwargs)
-        if call.nothing_to_generate:
-            return torch.from_numpy(call.prompt_only()).to(self.device)
         return LOOPS[call.options.strategy](self, self._step_function(compile), call)
 
     def _step_function(self, compile: bool):
