@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from opt_core.errors import ConfigError, InputError
+
 _MODEL_CLASSES = {
     "pt": ("opt_torch", "OPTForCausalLM"),
     "tf": ("opt_tf", "TFOPTForCausalLM"),
@@ -41,34 +43,55 @@ def pipeline(
     from opt_core.tokenizer import OPTTokenizer
 
     if task != "text-generation":
-        raise ValueError(f"unsupported task {task!r}: this library provides 'text-generation'")
+        raise ConfigError(f"unsupported task {task!r}: task must be 'text-generation', this library's only task")
     if framework not in _MODEL_CLASSES:
-        raise ValueError(f"framework must be one of {sorted(_MODEL_CLASSES)}, got {framework!r}")
+        raise ConfigError(f"framework must be one of {', '.join(map(repr, _MODEL_CLASSES))}, got {framework!r}")
     if model is None:
-        raise ValueError("pipeline() needs a model: a folder, a hub id, or a loaded model")
+        raise ConfigError("model=None: pipeline() needs a model: a folder, a hub id, or a loaded model")
+    _check_batch_size(batch_size)
     source = model if isinstance(model, (str, os.PathLike)) else None
+    if tokenizer is None and source is None:
+        raise ConfigError("tokenizer=None: pass tokenizer= when the model is an object, not a folder or hub id")
     if source is not None:
         module_name, class_name = _MODEL_CLASSES[framework]
         module = __import__(module_name)
         model = getattr(module, class_name).from_pretrained(source, **model_kwargs)
     if tokenizer is None:
-        if source is None:
-            raise ValueError("pass tokenizer= when the model is an object, not a folder or hub id")
         tokenizer = source
     if not hasattr(tokenizer, "decode"):
         tokenizer = OPTTokenizer.from_pretrained(tokenizer)
     return TextGenerationPipeline(model, tokenizer, framework, batch_size)
 
 
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _prompts(text_inputs: Any) -> list[str]:
+    """The prompts of one call, every one checked before any is generated."""
+    if isinstance(text_inputs, str):
+        return [text_inputs]
+    if not isinstance(text_inputs, (list, tuple)) or not text_inputs:
+        raise InputError(f"text_inputs must be a string or a non-empty list of strings, got {text_inputs!r}")
+    for i, text in enumerate(text_inputs):
+        if not isinstance(text, str):
+            raise InputError(f"text_inputs[{i}] must be a string, got {text!r}")
+    return list(text_inputs)
+
+
 class TextGenerationPipeline:
     """Callable: `pipe(text_or_texts, return_full_text=True, **generate_options)`."""
 
     def __init__(self, model, tokenizer, framework: str, batch_size: int = 1):
+        _check_batch_size(batch_size)
         self.model, self.tokenizer, self.framework, self.batch_size = model, tokenizer, framework, batch_size
 
     def __call__(self, text_inputs: str | list[str], return_full_text: bool = True, **generate_kwargs: Any):
         single = isinstance(text_inputs, str)
-        prompts = [text_inputs] if single else list(text_inputs)
+        prompts = _prompts(text_inputs)
+        if not isinstance(return_full_text, bool):
+            raise ConfigError(f"return_full_text must be True or False, got {return_full_text!r}")
         results = []
         for start in range(0, len(prompts), self.batch_size):
             results.extend(self._run(prompts[start : start + self.batch_size], return_full_text, generate_kwargs))
