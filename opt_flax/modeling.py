@@ -85,6 +85,16 @@ def make_attention_mask(attention_mask: jax.Array, query_slots: jax.Array) -> ja
     return causal[None, None] & attention_mask[:, None, None, :].astype(bool)
 
 
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """B N T S scores and B 1 T S mask -> attention probs in the scores' dtype, 0 where the mask is False."""
+    # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
+    # A query with nothing to attend to (a padded slot) gets zero attention, as torch's SDPA gives and so
+    # HF's default; this matters for the loss, where a pad slot's logits predict the first real token.
+    return jnp.where(mask, probs, 0.0)
+
+
 class OPTDense(nn.Dense):
     """`nn.Dense` (same params: `kernel` [in, out], `bias`) that also accepts a decode-time view of its kernel.
 
@@ -171,12 +181,7 @@ class OPTAttention(_OPTLinen):
         if past_key_value is not None:  # static cache: write at the cache index; attention spans all S slots
             k, v = past_key_value.update(k, v)  # B S N H
         scores = jnp.einsum("btnh,bsnh->bnts", q, k)  # B N T S
-        # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
-        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-        # A query with nothing to attend to (a padded slot) gets zero attention, as torch's SDPA gives and so
-        # HF's default; this matters for the loss, where a pad slot's logits predict the first real token.
-        probs = jnp.where(mask, probs, 0.0)
+        probs = masked_softmax(scores, mask)  # B N T S
         attn = jnp.einsum("bnts,bsnh->btnh", self.dropout(probs, deterministic), v)  # B T N H
         b, t, _, _ = attn.shape
         attn = attn.reshape(b, t, -1)  # B T N H -> B T D

@@ -97,6 +97,16 @@ def make_attention_mask(attention_mask: tf.Tensor, query_length, past_length) ->
     return (key_pos <= query_pos)[None, None] & tf.cast(attention_mask, tf.bool)[:, None, None, :]
 
 
+def masked_softmax(scores: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """B N T S scores and B 1 T S mask -> attention probs in the scores' dtype, 0 where the mask is False."""
+    # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
+    scores = tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype))
+    probs = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), scores.dtype)
+    # A query with nothing to attend to (a padded slot) gets zero attention, as torch's SDPA gives and so
+    # HF's default; this matters for the loss, where a pad slot's logits predict the first real token.
+    return tf.where(mask, probs, tf.zeros_like(probs))
+
+
 class OPTLearnedPositionalEmbedding(keras.layers.Embedding):
     """OPT's position table: max_position_embeddings + 2 rows, looked up at position + 2."""
 
@@ -140,12 +150,7 @@ class OPTAttention(keras.layers.Layer):
         if past_key_value is not None:  # this layer's cache (opt_tf.cache): stores k, v, returns all so far
             k, v = past_key_value.update(k, v)  # B S N H
         scores = tf.einsum("btnh,bsnh->bnts", q, tf.cast(k, q.dtype))  # B N T S
-        # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
-        scores = tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype))
-        probs = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), q.dtype)
-        # A query with nothing to attend to (a padded slot) gets zero attention, as torch's SDPA gives and so
-        # HF's default; this matters for the loss, where a pad slot's logits predict the first real token.
-        probs = tf.where(mask, probs, tf.zeros_like(probs))
+        probs = masked_softmax(scores, mask)  # B N T S
         attn = tf.einsum("bnts,bsnh->btnh", self.dropout(probs, training=training), tf.cast(v, q.dtype))  # B T N H
         b, t = tf.shape(attn)[0], tf.shape(attn)[1]
         attn = tf.reshape(attn, (b, t, self.num_heads * self.head_dim))  # B T N H -> B T D

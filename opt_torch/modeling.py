@@ -57,6 +57,16 @@ def make_attention_mask(attention_mask: torch.Tensor, query_slots: torch.Tensor)
     return causal[None, None] & attention_mask[:, None, None, :].bool()
 
 
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """B N T S scores and B 1 T S mask -> attention probs in the scores' dtype, 0 where the mask is False."""
+    # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+    # A query with nothing to attend to (a padded slot) gets zero attention, as torch's SDPA gives and so
+    # HF's default; this matters for the loss, where a pad slot's logits predict the first real token.
+    return torch.where(mask, probs, 0.0)
+
+
 class OPTLearnedPositionalEmbedding(nn.Embedding):
     """OPT's position table: max_position_embeddings + 2 rows, looked up at position + 2."""
 
@@ -102,12 +112,7 @@ class OPTAttention(nn.Module):
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
         else:
             scores = q @ k.transpose(-1, -2)  # B N T S
-            # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            # A query with nothing to attend to (a padded slot) gets zero attention, as torch's SDPA gives and so
-            # HF's default; this matters for the loss, where a pad slot's logits predict the first real token.
-            probs = torch.where(mask, probs, 0.0)
+            probs = masked_softmax(scores, mask)  # B N T S
             attn = F.dropout(probs, p=dropout, training=self.training) @ v  # B N T H
         b, _, t, _ = attn.shape
         attn = attn.transpose(1, 2).reshape(b, t, -1)  # B N T H -> B T D
