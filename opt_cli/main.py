@@ -8,6 +8,11 @@
 
 Text goes to stdout, status and progress to stderr. Without --model, the embedded default model is used (a small
 OPT trained by `opt-lm train`; see MODEL_CARD.md), so everything works offline on a fresh machine.
+
+A bad option or value is refused before any model is loaded or file written, with one line on stderr naming it and
+exit status 2:
+
+    opt-lm generate: error: argument --top-p: must be in (0, 1], got 2
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from opt_core.errors import OPTError
+from opt_core.errors import ConfigError, OPTError
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 FRAMEWORK_CHOICES = ("torch", "tf", "flax")
@@ -31,6 +37,70 @@ def status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# ----- argument checks: each option's values at parse time, what needs several options or the disk before any work
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: `opt-lm <command>: error: <message>` on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _integer(low: int):
+    """An argparse type: an integer of at least `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    return parse
+
+
+def _number(allowed, rule: str):
+    """An argparse type: a finite float for which `allowed(value)` holds, `rule` in words."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (math.isfinite(value) and allowed(value)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE = _number(lambda x: x > 0, "> 0")
+NON_NEGATIVE = _number(lambda x: x >= 0, ">= 0")
+PROBABILITY = _number(lambda x: 0 < x <= 1, "in (0, 1]")
+UNIT_INTERVAL = _number(lambda x: 0 <= x <= 1, "in [0, 1]")
+
+
+def _check_files(option: str, paths) -> None:
+    for path in paths or ():
+        if not Path(path).is_file():
+            raise ConfigError(f"{option} {path}: no such file")
+
+
+def _check_model(args) -> None:
+    """--model: a folder, or a hub id (resolved now, so a missing one is named before anything is loaded)."""
+    if args.model is None:
+        return
+    from opt_core.hub import resolve_model
+
+    try:
+        resolve_model(args.model)
+    except OPTError as error:
+        raise type(error)(f"--model: {error}") from None
+
+
 # ----- generate
 
 
@@ -38,17 +108,17 @@ def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
     p.add_argument("prompt", help="the text to continue")
     _model_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=_integer(1), default=50)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--penalty-alpha", type=float, default=None, help="contrastive search (with --top-k > 1)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=3, help="forbid repeating n-grams (0: off)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.set_defaults(run=run_generate)
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=1.0, help="> 0 with --do-sample")
+    p.add_argument("--top-k", type=_integer(0), default=50, help="0: off")
+    p.add_argument("--top-p", type=PROBABILITY, default=1.0)
+    p.add_argument("--num-beams", type=_integer(1), default=1)
+    p.add_argument("--penalty-alpha", type=UNIT_INTERVAL, default=None, help="contrastive search (with --top-k > 1)")
+    p.add_argument("--repetition-penalty", type=POSITIVE, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=_integer(0), default=3, help="forbid repeating n-grams (0: off)")
+    p.add_argument("--seed", type=_integer(0), default=None, help="seed for sampling")
+    p.set_defaults(run=run_generate, check=check_generate)
 
 
 def _model_arguments(p) -> None:
@@ -66,12 +136,8 @@ def _load(args):
     return model, OPTTokenizer.from_pretrained(name)
 
 
-def run_generate(args) -> int:
-    from opt_core.generation import TextStreamer
-
-    model, tokenizer = _load(args)
-    encoded = tokenizer([args.prompt], return_tensors="np")
-    options = dict(
+def _generation_options(args) -> dict:
+    return dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
         temperature=args.temperature,
@@ -82,6 +148,30 @@ def run_generate(args) -> int:
         repetition_penalty=args.repetition_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
+
+
+def check_generate(args) -> None:
+    """Options that cannot go together (GenerationConfig's rules), named as the options; then the model."""
+    from opt_core.generation import GenerationConfig
+
+    options = _generation_options(args)
+    try:
+        GenerationConfig(**options).validate()
+    except ConfigError as error:
+        names = "|".join(options)
+        message = re.sub(rf"\b({names})\b", lambda m: "--" + m.group(1).replace("_", "-"), str(error))
+        for said, flag in (("set --do-sample=False", "leave out --do-sample"), ("--do-sample=True", "--do-sample")):
+            message = message.replace(said, flag)  # --do-sample is a switch
+        raise ConfigError(message) from None
+    _check_model(args)
+
+
+def run_generate(args) -> int:
+    from opt_core.generation import TextStreamer
+
+    model, tokenizer = _load(args)
+    encoded = tokenizer([args.prompt], return_tensors="np")
+    options = _generation_options(args)
     if args.seed is not None:
         options["seed"] = args.seed
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
@@ -164,14 +254,29 @@ def add_score(sub) -> None:
     p = sub.add_parser("score", help="log-likelihood and perplexity of a text file")
     p.add_argument("file", type=Path, help="a UTF-8 text file")
     _model_arguments(p)
-    p.add_argument("--window", type=int, default=None, help="tokens per forward pass (default: the model's max)")
+    p.add_argument(
+        "--window", type=_integer(2), default=None, help="tokens per forward pass (default: the model's max)"
+    )
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=run_score)
+    p.set_defaults(run=run_score, check=check_score)
+
+
+def check_score(args) -> None:
+    """The file is read (and kept in args.text) before the model is loaded."""
+    if not args.file.is_file():
+        raise ConfigError(f"file {args.file}: no such file")
+    try:
+        args.text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"file {args.file} cannot be read as UTF-8 text: {error}") from None
+    if not args.text:
+        raise ConfigError(f"file {args.file} holds no text: nothing to score")
+    _check_model(args)
 
 
 def run_score(args) -> int:
     model, tokenizer = _load(args)
-    text = args.file.read_text(encoding="utf-8")
+    text = args.text if hasattr(args, "text") else args.file.read_text(encoding="utf-8")
     result = score_text(model, tokenizer, text, args.window)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -217,7 +322,21 @@ def add_convert(sub) -> None:
 
     p = sub.add_parser("convert", help="convert a checkpoint to another format (no framework needed)")
     add_arguments(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check=check_convert)
+
+
+def check_convert(args) -> None:
+    """What `conversion` checks first too, here so that its error reads like every other command's."""
+    from opt_core.files import parse_size
+
+    if not Path(args.src).exists():
+        raise ConfigError(f"src {args.src}: no such file or folder")
+    try:
+        size = parse_size(args.max_shard_size)
+    except ValueError as error:
+        raise ConfigError(f"--max-shard-size {args.max_shard_size!r}: {error}") from None
+    if size <= 0:
+        raise ConfigError(f"--max-shard-size must be positive, got {args.max_shard_size!r}")
 
 
 def add_train(sub) -> None:
@@ -228,32 +347,39 @@ def add_train(sub) -> None:
     p.add_argument("--init-from", default=None, help="fine-tune this folder or hub id instead of a fresh model")
     p.add_argument("--config", default=None, help="config.json or preset for a fresh model")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one on the data)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of a freshly trained tokenizer")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip-norm", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--save-every", type=int, default=500)
+    vocab_help = "vocabulary of a freshly trained tokenizer (at least 4 special tokens + 256 bytes)"
+    p.add_argument("--vocab-size", type=_integer(260), default=4096, help=vocab_help)
+    p.add_argument("--steps", type=_integer(1), default=1000)
+    p.add_argument("--batch-size", type=_integer(1), default=16)
+    p.add_argument("--seq-len", type=_integer(2), default=128, help="tokens per row, the leading </s> included")
+    p.add_argument("--learning-rate", type=POSITIVE, default=1e-3)
+    p.add_argument("--warmup-steps", type=_integer(0), default=100)
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.1)
+    p.add_argument("--clip-norm", type=POSITIVE, default=1.0)
+    p.add_argument("--eval-every", type=_integer(1), default=200)
+    p.add_argument("--save-every", type=_integer(1), default=500)
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=run_train)
+    p.add_argument("--seed", type=_integer(0), default=0)
+    p.set_defaults(run=run_train, check=check_train)
+
+
+def check_train(args) -> None:
+    """The text files exist, before the output folder is made or a tokenizer trained."""
+    _check_files("--train-files", args.train_files)
+    _check_files("--eval-files", args.eval_files)
 
 
 def run_train(args) -> int:
     from opt_flax.train import TrainConfig, train
 
-    options = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+    options = {k: v for k, v in vars(args).items() if k not in ("run", "check", "command")}
     train(TrainConfig(**options))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opt-lm", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="opt-lm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_generate, add_convert, add_info, add_score, add_train):
         add(sub)
@@ -264,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "check", None) is not None:
+            args.check(args)  # before any model is loaded or file written
         return args.run(args)
     except OPTError as error:
         print(f"opt-lm {args.command}: error: {error}", file=sys.stderr)
