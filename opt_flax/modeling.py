@@ -39,6 +39,7 @@ from jax import lax
 from opt_core.config import OPTConfig
 from opt_core.heads import pools_last_position
 from opt_core.inputs import check_shapes, validate_inputs
+from opt_core.masks import MASKED_SCORE
 from opt_core.outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -87,9 +88,9 @@ def make_attention_mask(attention_mask: jax.Array, query_slots: jax.Array) -> ja
 
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     """B N T S scores and B 1 T S mask -> attention probs in the scores' dtype, 0 where the mask is False."""
-    # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
-    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
+    # Masks are applied once, through a select, never added (opt_core.masks: HF's fp16 NaN, issue #17433); the
+    # softmax runs in fp32, and the select after the upcast, so the fill is below every half-precision score.
+    probs = jax.nn.softmax(jnp.where(mask, scores.astype(jnp.float32), MASKED_SCORE), axis=-1).astype(scores.dtype)
     # A query with nothing to attend to (a padded slot) gets zero attention, as torch's SDPA gives and so
     # HF's default; this matters for the loss, where a pad slot's logits predict the first real token.
     return jnp.where(mask, probs, 0.0)

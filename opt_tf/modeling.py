@@ -34,6 +34,7 @@ from opt_core import outputs  # noqa: E402
 from opt_core.config import OPTConfig  # noqa: E402
 from opt_core.heads import pools_last_position, problem_type  # noqa: E402
 from opt_core.inputs import validate_inputs  # noqa: E402
+from opt_core.masks import MASKED_SCORE  # noqa: E402
 from opt_tf.cache import DynamicKVCache, KVCache  # noqa: E402
 from opt_tf.decode_layout import OPTDense  # noqa: E402
 from opt_tf.generation import GenerationMixin  # noqa: E402
@@ -99,9 +100,9 @@ def make_attention_mask(attention_mask: tf.Tensor, query_length, past_length) ->
 
 def masked_softmax(scores: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     """B N T S scores and B 1 T S mask -> attention probs in the scores' dtype, 0 where the mask is False."""
-    # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
-    scores = tf.where(mask, scores, tf.cast(scores.dtype.min, scores.dtype))
-    probs = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), scores.dtype)
+    # Masks are applied once, through a select, never added (opt_core.masks: HF's fp16 NaN, issue #17433); the
+    # softmax runs in fp32, and the select after the upcast, so the fill is below every half-precision score.
+    probs = tf.cast(tf.nn.softmax(tf.where(mask, tf.cast(scores, tf.float32), MASKED_SCORE), axis=-1), scores.dtype)
     # A query with nothing to attend to (a padded slot) gets zero attention, as torch's SDPA gives and so
     # HF's default; this matters for the loss, where a pad slot's logits predict the first real token.
     return tf.where(mask, probs, tf.zeros_like(probs))

@@ -21,6 +21,7 @@ from torch import nn
 from opt_core.config import OPTConfig
 from opt_core.heads import pools_last_position, problem_type
 from opt_core.inputs import validate_inputs
+from opt_core.masks import MASKED_SCORE
 from opt_core.outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -59,9 +60,9 @@ def make_attention_mask(attention_mask: torch.Tensor, query_slots: torch.Tensor)
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """B N T S scores and B 1 T S mask -> attention probs in the scores' dtype, 0 where the mask is False."""
-    # Masks are applied once, with the dtype's minimum, through a select; softmax runs in fp32.
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+    # Masks are applied once, through a select, never added (opt_core.masks: HF's fp16 NaN, issue #17433); the
+    # softmax runs in fp32, and the select after the upcast, so the fill is below every half-precision score.
+    probs = torch.softmax(torch.where(mask, scores.float(), MASKED_SCORE), dim=-1).to(scores.dtype)
     # A query with nothing to attend to (a padded slot) gets zero attention, as torch's SDPA gives and so
     # HF's default; this matters for the loss, where a pad slot's logits predict the first real token.
     return torch.where(mask, probs, 0.0)
