@@ -356,9 +356,14 @@ def _max_length(config: GenerationConfig, prompt_length: int, max_positions: int
     else:
         max_length = config.max_length
     if max_length > max_positions:
+        asked = (
+            f"max_new_tokens={config.max_new_tokens} after the prompt of {prompt_length} tokens"
+            if config.max_new_tokens is not None
+            else f"max_length={config.max_length}"
+        )
         raise ConfigError(
-            f"generating up to {max_length} tokens (prompt {prompt_length} + new) exceeds the model's "
-            f"max_position_embeddings={max_positions}; lower max_new_tokens or max_length"
+            f"{asked} reaches {max_length} tokens, more than the model's max_position_embeddings={max_positions}; "
+            "lower max_new_tokens or max_length"
         )
     return max_length
 

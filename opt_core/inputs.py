@@ -41,16 +41,17 @@ def validate_inputs(
     check_shapes(mask_shape, position_shape, past_length, batch_and_length)
     if attention_mask is not None:
         _check_attention_mask(attention_mask)
+    source = "input_ids" if input_ids is not None else "inputs_embeds"
     if position_ids is not None:
         _check_position_ids(position_ids)
-        last = int(position_ids.max(initial=-1))
+        source, last = "position_ids", int(position_ids.max(initial=-1))
     elif attention_mask is not None:
         last = int(attention_mask.sum(axis=1).max(initial=0)) - 1
     else:
         last = past_length + length - 1
     if last >= config.max_position_embeddings:
         raise InputError(
-            f"the sequence needs position {last}, but the model has max_position_embeddings="
+            f"{source}: the sequence needs position {last}, but the model has max_position_embeddings="
             f"{config.max_position_embeddings}: inputs (cache included) may be at most "
             f"{config.max_position_embeddings} tokens long"
         )
@@ -86,8 +87,8 @@ def _check_token_ids(config: OPTConfig, input_ids: np.ndarray) -> None:
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise InputError(
-            f"token id {int(input_ids[where])} at position {where} is out of range: the model's vocab_size is "
-            f"{config.vocab_size} (ids must be in [0, {config.vocab_size}))"
+            f"input_ids: token id {int(input_ids[where])} at position {where} is out of range: the model's "
+            f"vocab_size is {config.vocab_size} (ids must be in [0, {config.vocab_size}))"
         )
 
 
