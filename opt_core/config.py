@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from opt_core.errors import ConfigError
-from opt_core.files import atomic_write_text
+from opt_core.files import atomic_write_text, complete_interrupted_save
 from opt_core.hub import resolve_file
 
 CONFIG_NAME = "config.json"
@@ -315,6 +315,8 @@ class OPTConfig:
             **overrides: fields to set after reading, as in HF (e.g. `num_labels=3`, `dropout=0.0`).
         """
         path = Path(name_or_path)
+        if path.exists():
+            complete_interrupted_save(path)  # a save killed after its commit point is finished first
         if path.is_file():
             return cls.from_json_file(path, **overrides)
         return cls.from_json_file(resolve_file(name_or_path, CONFIG_NAME, revision=revision), **overrides)

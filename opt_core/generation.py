@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from opt_core.errors import ConfigError, InputError
-from opt_core.files import atomic_write_text
+from opt_core.files import atomic_write_text, complete_interrupted_save
 from opt_core.inputs import validate_inputs
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -97,6 +97,7 @@ class GenerationConfig:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> GenerationConfig:
+        complete_interrupted_save(folder)  # a save killed after its commit point is finished first
         path = Path(folder) / GENERATION_CONFIG_NAME
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

@@ -342,9 +342,9 @@ def _in_child(kind: str, path: Path) -> H5Weights:
         command = [sys.executable, "-c", _CHILD_MAIN, kind, str(path), str(side)]
         timeout = CHILD_TIMEOUT_S + size / _CHILD_BYTES_PER_S
         try:
-            done = subprocess.run(
-                command, env=env, capture_output=True, timeout=timeout, preexec_fn=_limit_memory(size), check=False
-            )
+            # No preexec_fn: it would make Python fork (running JAX's and others' at-fork hooks and warnings) where
+            # it can otherwise spawn; the child limits its own memory first thing.
+            done = subprocess.run(command, env=env, capture_output=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             raise CheckpointError(
                 f"{path}: the HDF5 library did not finish reading the file in {timeout:.0f} s; it is corrupt or crafted"
@@ -372,21 +372,18 @@ def _total_size(path: Path) -> int:
         return 0  # the child names the missing file
 
 
-def _limit_memory(size: int):
-    if os.name != "posix":
-        return None
-
-    def limit() -> None:
+def _limit_memory(size: int) -> None:
+    """Caps this (child) process's address space, so a file that makes libhdf5 allocate wildly gets MemoryError."""
+    if os.name == "posix":
         import resource
 
         cap = _CHILD_MEMORY + 2 * size
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
-    return limit
-
 
 def _child_main(kind: str, path: str, side: str) -> None:
     """The child: parses, copies what cannot be mapped into `side`, prints the manifest (or the error) as JSON."""
+    _limit_memory(_total_size(Path(path)))
     try:
         weights = _parse_h5(path) if kind == "file" else _parse_h5_sharded(path)
         entries = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processo
 from tokenizers.models import BPE
 
 from opt_core.errors import CheckpointError, ConfigError, InputError, OPTError
+from opt_core.files import FolderCommit, complete_interrupted_save
 from opt_core.hub import resolve_file
 
 # fairseq's dictionary puts these four first, so they are ids 0..3 of every OPT vocabulary.
@@ -153,6 +155,8 @@ class OPTTokenizer:
             raise TypeError(f"from_pretrained got unexpected arguments {unknown}; special tokens are {list(ROLES)}")
         hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         overrides = {role: _as_added_token(value) for role, value in special_tokens.items()}
+        if Path(name_or_path).is_dir():
+            complete_interrupted_save(name_or_path)  # a save killed after its commit point is finished first
         with _naming_errors(name_or_path):
             config = _read_json(_optional_file(name_or_path, "tokenizer_config.json", hub))
             roles = _role_tokens(config, _read_json(_optional_file(name_or_path, "special_tokens_map.json", hub)))
@@ -186,16 +190,20 @@ class OPTTokenizer:
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        written = [Path(path) for path in self._backend.model.save(str(folder))]  # vocab.json, merges.txt
-        files = {
-            "tokenizer_config.json": self._tokenizer_config(),
-            "special_tokens_map.json": self._special_tokens_map(),
-        }
-        for name, content in files.items():
-            (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            written.append(folder / name)
-        self._backend.save(str(folder / "tokenizer.json"))
-        return (*written, folder / "tokenizer.json")
+        with tempfile.TemporaryDirectory() as model_folder:
+            files = {Path(p).name: Path(p).read_bytes() for p in self._backend.model.save(model_folder)}
+        for name, content in (
+            ("tokenizer_config.json", self._tokenizer_config()),
+            ("special_tokens_map.json", self._special_tokens_map()),
+        ):
+            files[name] = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
+        files["tokenizer.json"] = self._backend.to_str(pretty=True)
+        # One commit, as a checkpoint's: a crash leaves the previous tokenizer's files or all of these, never a mix.
+        with FolderCommit(folder) as commit:
+            for name, data in files.items():
+                commit.write(name, data)
+            commit.commit()
+        return tuple(folder / name for name in files)
 
     def _tokenizer_config(self) -> dict:
         added = self._backend.get_added_tokens_decoder()

@@ -282,11 +282,3 @@ def test_contrastive_search_equals_transformers_4_55(hf_checkpoint, framework, v
     for name, case in entry.items():
         if isinstance(case, dict):
             np.testing.assert_array_equal(generate(ids, mask, **case["options"]), np.array(case["ids"]), err_msg=name)
-
-
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_zero_new_tokens_returns_the_prompt(generators, framework, num_beams):
-    ids, mask = sample_batch(seed=17, length=5)
-    out = generators[framework](ids, mask, max_new_tokens=0, num_beams=num_beams)
-    np.testing.assert_array_equal(out, np.repeat(ids, 1, axis=0))
