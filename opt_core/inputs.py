@@ -124,6 +124,30 @@ def _check_position_ids(position_ids: np.ndarray) -> None:
         raise InputError(f"position_ids must be >= -2 (OPT looks positions up at +2), got {position_ids.min()}")
 
 
+def check_numeric(**arrays) -> None:
+    """Raises InputError naming an argument that holds strings or objects: frameworks fail on those with errors of
+    their own before any of this module's checks could run (JAX in `module.apply`)."""
+    for name, value in arrays.items():
+        if value is None:
+            continue
+        dtype = getattr(value, "dtype", None)  # a tracer has one; a list does not
+        dtype = np.dtype(dtype) if dtype is not None else np.asarray(value).dtype
+        if dtype.kind in "USO":
+            raise InputError(f"{name} must hold numbers, got dtype {dtype}")
+
+
+def check_cache_position(cache_position: np.ndarray, length: int) -> None:
+    """The slots of `length` new tokens in a static cache: (length,) integers >= 0, as HF's `cache_position`."""
+    if cache_position.dtype.kind not in "iu":
+        raise InputError(f"cache_position must be integers, got dtype {cache_position.dtype}")
+    if cache_position.shape != (length,):
+        raise InputError(
+            f"cache_position has shape {cache_position.shape}, but {length} new tokens need shape ({length},)"
+        )
+    if cache_position.size and int(cache_position.min()) < 0:
+        raise InputError(f"cache_position starts at {int(cache_position.min())}: cache slots must be >= 0")
+
+
 def check_static_cache(
     cache_batch: int, cache_length: int, past_length: int | None, batch_and_length: tuple[int, int], mask_shape
 ) -> None:

@@ -32,6 +32,7 @@ from opt_core.dtypes import resolve_dtype
 from opt_core.errors import CheckpointError
 from opt_core.flax_msgpack import flatten, unflatten
 from opt_core.formats import DEFAULT_MAX_SHARD_SIZE
+from opt_core.inputs import check_numeric
 from opt_core.pretrained import load_pretrained, save_format
 from opt_core.pretrained import save_pretrained as save_folder
 from opt_core.weights import fresh_parameter, parameter_specs, to_style_layout
@@ -166,6 +167,9 @@ class FlaxPreTrainedOPT:
         """
         if train and dropout_rng is None:
             raise ValueError("train=True applies dropout and needs a dropout_rng (a jax.random key)")
+        check_numeric(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds
+        )
         out = self.module.apply(
             {"params": self.params if params is None else params},
             _as_array(input_ids),

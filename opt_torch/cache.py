@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from opt_core.config import OPTConfig
-from opt_core.inputs import check_static_cache
+from opt_core.inputs import check_cache_position, check_static_cache
 
 
 class LayerCache:
@@ -76,6 +76,7 @@ class StaticKVCache:
 
     def check(self, cache_position: torch.Tensor, batch_and_length: tuple[int, int], mask_shape) -> None:
         """Clear errors for new tokens that do not fit: batch, room left, and a mask over all S slots."""
+        check_cache_position(cache_position.detach().cpu().numpy(), batch_and_length[1])
         past_length = int(cache_position[0]) if cache_position.numel() else 0
         check_static_cache(self.batch_size, self.max_length, past_length, batch_and_length, mask_shape)
 

@@ -126,7 +126,6 @@ FORWARD_TORCH = [  # cache_position is torch's (HF's forward); the others' stati
         InputError,
         "cache_position",
         "(2,)",
-        marks=pytest.mark.xfail(strict=True, reason="opt_torch/modeling.py does not pass cache_position on yet"),
     ),
     row(
         "cache_position-float",
@@ -134,10 +133,9 @@ FORWARD_TORCH = [  # cache_position is torch's (HF's forward); the others' stati
         InputError,
         "cache_position",
         "float",
-        marks=pytest.mark.xfail(strict=True, reason="opt_torch/modeling.py does not pass cache_position on yet"),
     ),
 ]
-FORWARD_SETUP = ("validate_inputs", "check_shapes", "check_static_cache")
+FORWARD_SETUP = ("validate_inputs", "check_shapes", "check_static_cache", "check_cache_position", "check_numeric")
 
 
 def forward_call(framework, model, kwargs):
@@ -155,10 +153,7 @@ def test_forward(framework, model, kwargs, error, names):
 
 @pytest.mark.parametrize("framework", ["tf", "flax"], indirect=True)
 @pytest.mark.parametrize("kwargs, error, names", FORWARD_NOT_TORCH)
-def test_forward_not_torch(framework, model, kwargs, error, names, request):
-    if framework.name == "flax":  # opt_flax/pretrained.py hands the arrays to Linen's apply, which refuses strings
-        reason = "JAX raises a TypeError on a string array in module.apply, before the module's checks run"
-        request.applymarker(pytest.mark.xfail(strict=True, raises=TypeError, reason=reason))
+def test_forward_not_torch(framework, model, kwargs, error, names):
     assert_refused(forward_call(framework, model, kwargs), error, names, FORWARD_SETUP)
 
 

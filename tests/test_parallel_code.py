@@ -14,7 +14,7 @@ FILES = {"torch": "opt_torch/modeling.py", "tf": "opt_tf/modeling.py", "flax": "
 PREFIX = {"torch": "", "tf": "TF", "flax": "Flax"}
 SHARED_CLASSES = ("OPTLearnedPositionalEmbedding", "OPTAttention", "OPTDecoderLayer", "OPTDecoder")
 PUBLIC_CLASSES = ("OPTModel", "OPTForCausalLM", "OPTForSequenceClassification", "OPTForQuestionAnswering")
-SHARED_FUNCTIONS = ("make_position_ids", "make_attention_mask", "last_non_pad_index")
+SHARED_FUNCTIONS = ("make_position_ids", "make_attention_mask", "last_non_pad_index", "masked_softmax")
 CALL_METHODS = {"torch": "forward", "tf": "call", "flax": "__call__"}
 
 
