@@ -124,6 +124,14 @@ def _check_position_ids(position_ids: np.ndarray) -> None:
         raise InputError(f"position_ids must be >= -2 (OPT looks positions up at +2), got {position_ids.min()}")
 
 
+def check_ids_or_embeds(input_ids, inputs_embeds) -> None:
+    """Exactly one of the two, as HF's forward requires; InputError naming what was passed otherwise."""
+    if input_ids is not None and inputs_embeds is not None:
+        raise InputError("got both input_ids and inputs_embeds; pass exactly one of them")
+    if input_ids is None and inputs_embeds is None:
+        raise InputError("got neither input_ids nor inputs_embeds; pass exactly one of them")
+
+
 def check_numeric(**arrays) -> None:
     """Raises InputError naming an argument that holds strings or objects: frameworks fail on those with errors of
     their own before any of this module's checks could run (JAX in `module.apply`)."""

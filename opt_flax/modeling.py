@@ -38,7 +38,7 @@ from jax import lax
 
 from opt_core.config import OPTConfig
 from opt_core.heads import pools_last_position
-from opt_core.inputs import check_shapes, validate_inputs
+from opt_core.inputs import check_ids_or_embeds, check_shapes, validate_inputs
 from opt_core.masks import MASKED_SCORE
 from opt_core.outputs import (
     BaseModelOutputWithPast,
@@ -270,8 +270,7 @@ class OPTDecoder(_OPTLinen):
         output_hidden_states=False,
         deterministic=True,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        check_ids_or_embeds(input_ids, inputs_embeds)
         if input_ids is not None and input_ids.ndim == 1:
             input_ids = input_ids[None]  # T -> 1 T, as HF does
         past_length = past_key_values.index if past_key_values is not None else 0

@@ -33,7 +33,7 @@ import tensorflow as tf  # noqa: E402
 from opt_core import outputs  # noqa: E402
 from opt_core.config import OPTConfig  # noqa: E402
 from opt_core.heads import pools_last_position, problem_type  # noqa: E402
-from opt_core.inputs import validate_inputs  # noqa: E402
+from opt_core.inputs import check_ids_or_embeds, validate_inputs  # noqa: E402
 from opt_core.masks import MASKED_SCORE  # noqa: E402
 from opt_tf.cache import DynamicKVCache, KVCache  # noqa: E402
 from opt_tf.decode_layout import OPTDense  # noqa: E402
@@ -313,8 +313,7 @@ class OPTDecoder(keras.layers.Layer):
 
 def _new_tokens(input_ids, inputs_embeds):
     """input_ids as a B T tensor (a lone row of T ids is a batch of one, as HF), or None with inputs_embeds."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    check_ids_or_embeds(input_ids, inputs_embeds)
     if input_ids is None:
         return None
     input_ids = tf.convert_to_tensor(input_ids)

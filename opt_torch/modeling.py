@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from opt_core.config import OPTConfig
+from opt_core.errors import InputError
 from opt_core.heads import pools_last_position, problem_type
-from opt_core.inputs import validate_inputs
+from opt_core.inputs import check_ids_or_embeds, validate_inputs
 from opt_core.masks import MASKED_SCORE
 from opt_core.outputs import (
     BaseModelOutputWithPast,
@@ -246,8 +247,7 @@ class OPTDecoder(nn.Module):
 
 def _new_tokens(input_ids, inputs_embeds):
     """input_ids as B T (a lone row of T ids is a batch of one, as HF) and (B, T) of the new tokens."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    check_ids_or_embeds(input_ids, inputs_embeds)
     if input_ids is not None and input_ids.dim() == 1:
         input_ids = input_ids[None]  # T -> 1 T, as HF does
     batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -258,7 +258,7 @@ def _cache(past_key_values, use_cache, cache_position, attention_mask):
     """The cache a forward updates: a StaticKVCache as given, HF's tuples in a DynamicKVCache, or None."""
     if isinstance(past_key_values, StaticKVCache):
         if cache_position is None or attention_mask is None:
-            raise ValueError("a StaticKVCache needs cache_position and an attention_mask over all its slots")
+            raise InputError("a StaticKVCache needs cache_position and an attention_mask over all its slots")
         return past_key_values
     if past_key_values or use_cache:
         return DynamicKVCache(past_key_values)

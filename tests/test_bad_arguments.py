@@ -69,6 +69,13 @@ def assert_refused(call, error, names, setup):
 
 
 FORWARD = [
+    row("input_ids-None-no-embeds", dict(input_ids=None), InputError, "neither input_ids nor inputs_embeds"),
+    row(
+        "input_ids-and-inputs_embeds",
+        dict(inputs_embeds=np.zeros((1, 3, 32), np.float32)),
+        InputError,
+        "both input_ids and inputs_embeds",
+    ),
     row("input_ids-empty-batch", dict(input_ids=np.zeros((0, 5), np.int64)), InputError, "input_ids", "(0, 5)"),
     row("input_ids-zero-length", dict(input_ids=np.zeros((2, 0), np.int64)), InputError, "input_ids", "(2, 0)"),
     row("input_ids-3d", dict(input_ids=np.full((1, 2, 3), 5)), InputError, "input_ids", "(1, 2, 3)"),
@@ -135,7 +142,14 @@ FORWARD_TORCH = [  # cache_position is torch's (HF's forward); the others' stati
         "float",
     ),
 ]
-FORWARD_SETUP = ("validate_inputs", "check_shapes", "check_static_cache", "check_cache_position", "check_numeric")
+FORWARD_SETUP = (
+    "validate_inputs",
+    "check_shapes",
+    "check_static_cache",
+    "check_cache_position",
+    "check_numeric",
+    "check_ids_or_embeds",
+)
 
 
 def forward_call(framework, model, kwargs):
