@@ -443,14 +443,14 @@ def read_index(index_path: Path) -> dict[str, str]:
         index = json.loads(index_path.read_bytes())
     except FileNotFoundError:
         raise CheckpointError(f"{index_path}: file not found") from None
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index_path}: not a valid JSON index ({e})") from None
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise CheckpointError(f"{index_path}: not a valid JSON index ({type(e).__name__}: {e})"[:500]) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(f"{index_path} is not a shard index: no 'weight_map' of tensor name -> shard file")
     for shard in set(weight_map.values()):
-        if Path(shard).name != shard or shard in ("", ".", ".."):
+        if Path(shard).name != shard or shard in ("", ".", "..") or "\0" in shard:  # NUL: no file has it
             raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name in the folder")
     return weight_map

@@ -5,6 +5,7 @@ finite (loaded, with a warning naming each tensor)."""
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import tracemalloc
 import warnings
@@ -129,3 +130,21 @@ def test_finite_weights_load_without_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_checkpoint(tmp_path, config, "causal_lm")
+
+
+HOSTILE_INDEXES = {
+    "shard_name_with_a_nul": ({"weight_map": {"w": "model-00001\x00.safetensors"}}, "is not a file name in the folder"),
+    "nested_too_deep": ("[" * 100_000 + "]" * 100_000, "not a valid JSON index"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_INDEXES))
+def test_hostile_shard_indexes_are_refused_by_name(tmp_path, case):
+    from opt_core.formats import read_checkpoint
+
+    content, message = HOSTILE_INDEXES[case]
+    text = content if isinstance(content, str) else json.dumps(content)
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message) as error:
+        read_checkpoint(tmp_path)
+    assert "model.safetensors.index.json" in str(error.value)
