@@ -43,7 +43,25 @@ _TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
 
 
 class BatchEncoding(dict):
-    """The tokenizer's output: a dict, so `model(**enc)` works, whose keys are also attributes (`enc.input_ids`)."""
+    """The tokenizer's output: a dict, so `model(**enc)` works, whose keys are also attributes (`enc.input_ids`).
+
+    A tokenizer call also keeps the backend's encodings, one per row, for `sequence_ids` (HF's method of the name).
+    """
+
+    _encodings: list | None = None
+
+    def sequence_ids(self, batch_index: int = 0) -> list[int | None]:
+        """Which text each token of row `batch_index` comes from: 0 for the first, 1 for text_pair, None for the
+        special tokens (the `</s>` in front of each) and padding, as HF's fast tokenizers give it.
+
+        Args:
+            batch_index: the row (after overflowing windows are flattened into rows).
+        """
+        if self._encodings is None:
+            raise InputError("sequence_ids needs the tokenizer's own output (this BatchEncoding was built by hand)")
+        if not -len(self._encodings) <= batch_index < len(self._encodings):
+            raise InputError(f"batch_index {batch_index} is out of range for {len(self._encodings)} rows")
+        return list(self._encodings[batch_index].sequence_ids)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -373,6 +391,9 @@ class OPTTokenizer:
         padding_side: str | None = None,
         return_tensors: str | None = None,
         return_attention_mask: bool = True,
+        stride: int = 0,
+        return_overflowing_tokens: bool = False,
+        return_offsets_mapping: bool = False,
     ) -> BatchEncoding:
         """Token ids (and attention mask) of one text, a batch of texts, or text pairs, as HF's tokenizer gives them.
 
@@ -389,6 +410,13 @@ class OPTTokenizer:
             padding_side: "right" or "left" for this call; default `self.padding_side`.
             return_tensors: None (lists), "np" or "pt" (int64, as HF), "tf" or "jax" (int32, as HF gave them).
             return_attention_mask: include `attention_mask` (1 for tokens, 0 for padding).
+            stride: with `return_overflowing_tokens`, how many tokens each window repeats from the one before it
+                (HF's `doc_stride` in its question-answering example).
+            return_overflowing_tokens: what truncation cuts off becomes further rows (windows) rather than being
+                dropped; `overflow_to_sample_mapping` gives each row's input index. The output is then always
+                batched (lists of rows), as HF's.
+            return_offsets_mapping: `offset_mapping`, the (start, end) characters of each token in its own text;
+                (0, 0) for special tokens and padding. Use `sequence_ids(i)` to tell the two texts of a pair apart.
         """
         batch, batched = _as_batch(text, text_pair)
         _check_length(max_length, "max_length")
@@ -396,14 +424,33 @@ class OPTTokenizer:
             raise InputError(f"return_tensors must be None or one of {list(TENSOR_TYPES)}, got {return_tensors!r}")
         pad = self._padding_options(padding, max_length, pad_to_multiple_of, padding_side)
         specials = self.num_special_tokens_to_add(text_pair is not None) if add_special_tokens else 0
-        trunc = self._truncation_options(truncation, max_length, padding, specials)
+        trunc = self._truncation_options(truncation, max_length, padding, specials, _check_stride(stride))
         encodings = self._encode(batch, add_special_tokens, trunc, pad)
+        samples = list(range(len(encodings)))
+        if return_overflowing_tokens:
+            # As HF's fast tokenizers: each input's windows in order, the first window being the encoding itself.
+            samples = [i for i, encoding in enumerate(encodings) for _ in range(1 + len(encoding.overflowing))]
+            encodings = [window for encoding in encodings for window in (encoding, *encoding.overflowing)]
+            batched = True
         data = {"input_ids": [encoding.ids for encoding in encodings]}
         if return_attention_mask:
             data["attention_mask"] = [encoding.attention_mask for encoding in encodings]
+        if return_offsets_mapping:
+            data["offset_mapping"] = [list(encoding.offsets) for encoding in encodings]
+        if return_overflowing_tokens:
+            data["overflow_to_sample_mapping"] = samples
         if return_tensors is not None:
-            return BatchEncoding({key: _to_tensors(rows, return_tensors, key) for key, rows in data.items()})
-        return BatchEncoding(data if batched else {key: rows[0] for key, rows in data.items()})
+            rows_of_ids = ("input_ids", "attention_mask")
+            converted = {key: _to_tensors(data[key], return_tensors, key) for key in rows_of_ids if key in data}
+            if return_overflowing_tokens:
+                converted["overflow_to_sample_mapping"] = _convert(np.asarray(samples, dtype=np.int64), return_tensors)
+            if return_offsets_mapping:
+                converted["offset_mapping"] = _offsets_tensor(data["offset_mapping"], return_tensors)
+            output = BatchEncoding(converted)
+        else:
+            output = BatchEncoding(data if batched else {key: rows[0] for key, rows in data.items()})
+        output._encodings = encodings
+        return output
 
     def encode(self, text: str, text_pair: str | None = None, **kwargs: Any) -> list[int]:
         """The ids of one text (or pair), bos included: `tokenizer(text, ...)["input_ids"]`.
@@ -451,7 +498,7 @@ class OPTTokenizer:
             pad_to_multiple_of=_check_length(pad_to_multiple_of, "pad_to_multiple_of"),
         )
 
-    def _truncation_options(self, truncation, max_length, padding, specials: int) -> dict | None:
+    def _truncation_options(self, truncation, max_length, padding, specials: int, stride: int = 0) -> dict | None:
         if truncation is None:
             # HF: a max_length without padding asks for truncation even when truncation is not given.
             truncation = max_length is not None and padding in (False, "do_not_pad")
@@ -468,7 +515,7 @@ class OPTTokenizer:
             return None  # as HF: no max_length and no model_max_length leaves nothing to truncate to
         if length < specials:
             raise InputError(f"max_length={length} leaves no room: the special tokens alone take {specials}")
-        return dict(max_length=length, stride=0, strategy=strategy, direction=self.truncation_side)
+        return dict(max_length=length, stride=stride, strategy=strategy, direction=self.truncation_side)
 
     def _encode(self, batch: list, add_special_tokens: bool, truncation: dict | None, padding: dict | None) -> list:
         # The backend holds truncation and padding as state; the lock keeps one call's settings from another's.
@@ -481,6 +528,11 @@ class OPTTokenizer:
                 return self._backend.encode_batch(batch, add_special_tokens=add_special_tokens)
             except Exception as err:  # `tokenizers` raises a bare Exception, e.g. when "only_first" cannot fit
                 raise InputError(f"cannot tokenize with these settings: {err}") from None
+            except BaseException as err:
+                # A Rust panic (a stride not shorter than the room truncation leaves) is a BaseException.
+                if type(err).__name__ != "PanicException":
+                    raise
+                raise InputError(f"cannot tokenize with these settings: {str(err).splitlines()[0]}") from None
             finally:
                 self._backend.no_truncation()
                 self._backend.no_padding()
@@ -839,6 +891,17 @@ def _check_length(value: Any, name: str) -> int | None:
     return int(value)
 
 
+def _check_stride(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InputError(f"stride must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _offsets_tensor(rows: list[list[tuple[int, int]]], return_tensors: str) -> Any:
+    """offset_mapping as a B T 2 tensor (int64 as HF's; rows are of one length, as the ids already checked)."""
+    return _convert(np.asarray(rows, dtype=np.int64).reshape(len(rows), -1, 2), return_tensors)
+
+
 def _as_batch(text: Any, text_pair: Any) -> tuple[list, bool]:
     """(inputs for the backend, whether the call was batched)."""
     if isinstance(text, str):
@@ -872,7 +935,10 @@ def _to_tensors(rows: list[list[int]], return_tensors: str, key: str) -> Any:
             f"{key} rows have lengths {lengths[0]}..{lengths[-1]}; tensors need one length: pass padding=True "
             "(or truncation=True with padding='max_length')"
         )
-    array = np.asarray(rows, dtype=np.int64).reshape(len(rows), lengths[0])
+    return _convert(np.asarray(rows, dtype=np.int64).reshape(len(rows), lengths[0]), return_tensors)
+
+
+def _convert(array: np.ndarray, return_tensors: str) -> Any:
     if return_tensors == "np":
         return array
     if return_tensors == "pt":
