@@ -566,21 +566,27 @@ def postprocess_qa_predictions(
                     if spans[start, 0] < 0 or spans[end, 0] < 0 or end < start or end - start + 1 > max_answer_length:
                         continue
                     candidates.append((starts[start] + ends[end], int(spans[start, 0]), int(spans[end, 1])))
-        predictions[example["id"]] = _best_answer(example["context"], candidates, null, data.version_2_with_negative)
+        predictions[example["id"]] = _best_answer(
+            example["context"], candidates, null, data.version_2_with_negative, n_best_size
+        )
     return predictions
 
 
-def _best_answer(context: str, candidates: list, null: float | None, with_negative: bool) -> str:
-    # HF sorts by score with a stable sort and keeps n-best; the first is the answer (ties: the earlier candidate).
-    candidates = sorted(candidates, key=lambda candidate: candidate[0], reverse=True)
-    texts = [(score, context[start:end]) for score, start, end in candidates]
+def _best_answer(context: str, candidates: list, null: float | None, with_negative: bool, n_best_size: int) -> str:
+    """HF's choice: the n-best of the spans (and, for SQuAD v2, the no-answer) by score, sorted stably as HF does
+    (ties keep the earlier candidate); "empty" as HF's placeholder when nothing else is left."""
+    entries = [(score, context[start:end]) for score, start, end in candidates]
+    if with_negative and null is not None:
+        entries.append((null, ""))
+    entries = sorted(entries, key=lambda entry: entry[0], reverse=True)[:n_best_size]
+    if not entries or (len(entries) == 1 and entries[0][1] == ""):
+        entries.insert(0, (0.0, "empty"))
     if not with_negative:
-        # HF's placeholder when no span qualifies, or the only one is empty
-        return "empty" if not texts or (len(texts) == 1 and texts[0][1] == "") else texts[0][1]
-    best = next(((score, text) for score, text in texts if text != ""), None)
+        return entries[0][1]
+    best = next((entry for entry in entries if entry[1] != ""), None)
     if best is None or null is None:
         return ""
-    return "" if null > best[0] else best[1]
+    return "" if null - best[0] > 0 else best[1]  # the no-answer wins when it scores higher (threshold 0)
 
 
 # ----- batches and evaluation

@@ -293,18 +293,20 @@ def hf_prepare(hf_tokenizer, rows, max_length, stride, training):
     return tokenized
 
 
-def hf_postprocess(rows, features, start_logits, end_logits, n_best_size=20, max_answer_length=30):
-    """utils_qa.postprocess_qa_predictions (version_2_with_negative=False), trimmed to the predicted texts."""
+def hf_postprocess(rows, features, start_logits, end_logits, v2=False, n_best_size=20, max_answer_length=30):
+    """utils_qa.postprocess_qa_predictions (null_score_diff_threshold=0), trimmed to the predicted texts."""
     feature_per_example = collections.defaultdict(list)
     index_of = {row["id"]: i for i, row in enumerate(rows)}
     for i, example_id in enumerate(features["example_id"]):
         feature_per_example[index_of[example_id]].append(i)
     predictions = {}
     for example_index, example in enumerate(rows):
-        prelim = []
+        prelim, null = [], None
         for feature_index in feature_per_example[example_index]:
             starts, ends = start_logits[feature_index], end_logits[feature_index]
             offset_mapping = features["offset_mapping"][feature_index]
+            if null is None or null["score"] > starts[0] + ends[0]:
+                null = {"offsets": (0, 0), "score": starts[0] + ends[0], "start_logit": starts[0], "end_logit": ends[0]}
             for start_index in np.argsort(starts)[-1 : -n_best_size - 1 : -1].tolist():
                 for end_index in np.argsort(ends)[-1 : -n_best_size - 1 : -1].tolist():
                     if offset_mapping[start_index] is None or offset_mapping[end_index] is None:
@@ -312,12 +314,25 @@ def hf_postprocess(rows, features, start_logits, end_logits, n_best_size=20, max
                     if end_index < start_index or end_index - start_index + 1 > max_answer_length:
                         continue
                     offsets = (offset_mapping[start_index][0], offset_mapping[end_index][1])
-                    prelim.append({"offsets": offsets, "score": starts[start_index] + ends[end_index]})
+                    score = starts[start_index] + ends[end_index]
+                    prelim.append(
+                        dict(offsets=offsets, score=score, start_logit=starts[start_index], end_logit=ends[end_index])
+                    )
+        if v2:
+            prelim.append(null)
         best = sorted(prelim, key=lambda x: x["score"], reverse=True)[:n_best_size]
-        texts = [example["context"][p["offsets"][0] : p["offsets"][1]] for p in best]
-        if not texts or (len(texts) == 1 and texts[0] == ""):
-            texts.insert(0, "empty")
-        predictions[example["id"]] = texts[0]
+        for p in best:
+            p["text"] = example["context"][p["offsets"][0] : p["offsets"][1]]
+        if not best or (len(best) == 1 and best[0]["text"] == ""):
+            best.insert(0, {"text": "empty", "start_logit": 0.0, "end_logit": 0.0, "score": 0.0})
+        if not v2:
+            predictions[example["id"]] = best[0]["text"]
+            continue
+        i = 0
+        while best[i]["text"] == "":
+            i += 1
+        score_diff = null["score"] - best[i]["start_logit"] - best[i]["end_logit"]
+        predictions[example["id"]] = "" if score_diff > 0.0 else best[i]["text"]
     return predictions
 
 
@@ -380,7 +395,7 @@ def test_qa_postprocessing_recovers_gold_and_matches_utils_qa(tokenizer, hf_toke
         )
 
 
-def test_qa_unanswerable_questions(tokenizer, tmp_path):
+def test_qa_unanswerable_questions(tokenizer, hf_tokenizer, tmp_path):
     rows = squad_rows()[:2] + [
         dict(id="none", question="Why?", context=CONTEXTS[1], answers={"text": [], "answer_start": []})
     ]
@@ -396,6 +411,16 @@ def test_qa_unanswerable_questions(tokenizer, tmp_path):
     assert data.evaluate(got, {"start_logits": starts, "end_logits": starts}) == pytest.approx(
         {"exact_match": 100 / 3, "f1": 100 / 3}
     )
+    features = hf_prepare(hf_tokenizer, rows, 48, 16, training=False)
+    rng, answered = np.random.default_rng(1), []
+    for shift in (0.0, 1.5, 3.0, 4.5, 6.0):  # raising index 0's logits makes the no-answer win more often
+        starts, ends = rng.normal(size=(2, got.num_eval_rows, 48)).astype(np.float32)
+        starts[:, 0] += shift
+        ends[:, 0] += shift
+        expected = hf_postprocess(rows, features, starts, ends, v2=True)
+        assert data.postprocess_qa_predictions(got, starts, ends) == expected
+        answered += [text != "" for text in expected.values()]
+    assert any(answered) and not all(answered)  # the no-answer won for some questions and lost for others
 
 
 def test_qa_errors_name_file_and_row(tokenizer, tmp_path):
