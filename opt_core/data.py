@@ -204,7 +204,10 @@ def read_file(path: str | os.PathLike, task: str) -> _Rows:
 
 
 def _load(path: Path, builder: str, options: dict) -> dict[str, list]:
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"reading {path} needs the `datasets` library: pip install 'opt-lm[train]'") from None
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
