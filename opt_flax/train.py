@@ -1,23 +1,16 @@
-"""Training and fine-tuning a causal OPT on text files, in Flax with optax: `opt-lm train` and `train(TrainConfig)`.
+"""Training and fine-tuning in Flax with optax: the Flax step of `opt_core.training` (`opt-lm train`).
 
-AdamW with linear warmup then cosine decay, gradient clipping by global norm, periodic checkpoints (the model in
-HF's layout, the optimizer state and the tokenizer, committed together so that a crash never mixes two steps) and
-resume, a progress bar with loss and tokens/s on stderr, held-out perplexity, and a JSON-lines log. The result is
-a folder that all three frameworks (and HF transformers) load.
+Everything but the step is framework-free and lives in `opt_core.training`: options, HF's warmup + linear/cosine
+schedule, the weight-decay rule, data, the log and progress bar, checkpoints and resume. Here: optax AdamW (the
+rate injected per step by `inject_hyperparams`, no decay where `opt_core.training.decays` says so) after clipping
+by global norm, a jit'd step that accumulates the summed loss and gradients over the step's micro-batches
+(`lax.scan`), and a jit'd eval. bf16 mixed precision computes in bfloat16 over float32 params and optimizer state.
 
-Data: every file's text is tokenized (no special tokens) and the files are joined with `</s>`, OPT's document
-separator; the stream is cut into rows of `seq_len` tokens, each starting with `</s>` as OPT's tokenizer starts
-every prompt. The held-out set is `eval_files`, or else the last 2% of the stream.
+Siblings: `opt_torch/train.py`, `opt_tf/train.py`. Entry point: `train(options)` or `train(**options)`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import sys
-import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,303 +21,274 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from opt_core.config import OPTConfig
-from opt_core.errors import ConfigError
 from opt_core.files import complete_interrupted_save
 from opt_core.generation import GenerationConfig
 from opt_core.pretrained import save_pretrained as save_folder
-from opt_core.tokenizer import OPTTokenizer, train_bpe_tokenizer
-from opt_flax.modeling import FlaxOPTForCausalLM
+from opt_core.training import (
+    ARCHITECTURE_OF_HEAD,
+    TrainingState,
+    TrainOptions,
+    build_tokenizer,
+    check_files,
+    check_length,
+    checkpoint_files,
+    decays,
+    fresh_config,
+    load_data,
+    read_checkpoint,
+    run_training,
+    tokenizer_files,
+)
+from opt_flax.modeling import FlaxOPTForCausalLM, FlaxOPTForQuestionAnswering, FlaxOPTForSequenceClassification
 from opt_flax.pretrained import params_to_canonical
 
-CHECKPOINT_NAME = "training_state.msgpack"
-LOG_NAME = "training_log.jsonl"
+TrainConfig = TrainOptions  # the name `opt-lm train` and older callers use
+OPTIMIZER_NAME = "optimizer.msgpack"
+MODEL_OF_HEAD = {
+    "causal_lm": FlaxOPTForCausalLM,
+    "sequence_classification": FlaxOPTForSequenceClassification,
+    "question_answering": FlaxOPTForQuestionAnswering,
+}
+_INPUTS = ("input_ids", "attention_mask", "labels", "start_positions", "end_positions")
+
+__all__ = ["FlaxTrainer", "TrainConfig", "TrainOptions", "build_optimizer", "tokenizer_files", "train"]
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Options of a training run (the `opt-lm train` flags).
+def train(options: TrainOptions | None = None, **flags: Any) -> dict:
+    """Runs a training (`opt-lm train`): `train(TrainOptions(...))` or `train(train_files=..., output=..., ...)`
+    with the flags' names; returns the last evaluation. The log is `output/training_log.jsonl`."""
+    options = options if options is not None else TrainOptions(**flags)
+    check_files("train_files", options.train_files, required=True)
+    check_files("eval_files", options.eval_files, required=False)
+    options.output.mkdir(parents=True, exist_ok=True)
+    complete_interrupted_save(options.output)
+    tokenizer = build_tokenizer(options)
+    data = load_data(options, tokenizer)
+    model = build_model(options, tokenizer, data.config_updates)
+    return run_training(options, data, FlaxTrainer(model, options), tokenizer_files(tokenizer))
+
+
+def build_model(options: TrainOptions, tokenizer, config_updates: Mapping[str, Any]):
+    """The model of the task's head: the checkpoint's when resuming, init_from's, or a fresh one."""
+    cls = MODEL_OF_HEAD[options.head]
+    dtype = jnp.bfloat16 if options.dtype == "bfloat16" else jnp.float32
+    if options.resume or options.init_from:
+        source = options.output if options.resume else options.init_from
+        model = cls.from_pretrained(source, dtype=dtype, param_dtype=jnp.float32, seed=options.seed, **config_updates)
+    else:
+        model = cls(fresh_config(options, tokenizer, config_updates), dtype=dtype, seed=options.seed)
+    check_length(options, model.config)
+    return model
+
+
+def build_optimizer(options: TrainOptions) -> optax.GradientTransformation:
+    """Clipping by global norm, then AdamW; `opt_state.hyperparams["learning_rate"]` is set before each update."""
+
+    def make(learning_rate):
+        return optax.chain(
+            optax.clip_by_global_norm(options.clip_norm) if options.clip_norm else optax.identity(),
+            optax.adamw(
+                learning_rate,
+                b1=options.adam_beta1,
+                b2=options.adam_beta2,
+                eps=options.adam_epsilon,
+                weight_decay=options.weight_decay,
+                mask=decay_mask,
+            ),
+        )
+
+    return optax.inject_hyperparams(make)(learning_rate=0.0)
+
+
+def decay_mask(params: Mapping) -> Any:
+    """True where AdamW decays: `decays` of each leaf's canonical name (Flax's `kernel`, `embedding` and `scale`
+    are torch's `weight`)."""
+    leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+    def rule(path, _) -> bool:
+        keys = [str(getattr(entry, "key", entry)) for entry in path]
+        return decays(".".join([*keys[:-1], leaf[keys[-1]]]))
+
+    return jax.tree_util.tree_map_with_path(rule, params)
+
+
+# ----- losses: (sum of the loss terms, their count), so micro-batches add up to the whole step's mean
+
+
+def _log_probs(logits: jax.Array) -> jax.Array:
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def causal_lm_losses(out, batch) -> tuple[jax.Array, jax.Array]:
+    """Per row: summed next-token cross-entropy over labels != -100 (HF's shift), and the count of terms."""
+    labels = batch["labels"][:, 1:]  # B T-1
+    valid = labels != -100
+    picked = jnp.take_along_axis(_log_probs(out.logits[:, :-1]), jnp.where(valid, labels, 0)[..., None], -1)
+    return -(picked[..., 0] * valid).sum(-1), valid.sum(-1)
+
+
+def classification_losses(out, batch) -> tuple[jax.Array, jax.Array]:
+    """Per row: cross-entropy of the label (mean squared error with one label, HF's regression)."""
+    labels = batch["labels"]
+    if out.logits.shape[-1] == 1:
+        losses = (out.logits[:, 0].astype(jnp.float32) - labels.astype(jnp.float32)) ** 2
+    else:
+        losses = -jnp.take_along_axis(_log_probs(out.logits), labels.astype(jnp.int32)[:, None], -1)[:, 0]
+    return losses, jnp.ones_like(losses)
+
+
+def question_answering_losses(out, batch) -> tuple[jax.Array, jax.Array]:
+    """Per row: the mean of the start and end positions' cross-entropies (positions past the row are ignored)."""
+    length = out.start_logits.shape[-1]
+    losses, counts = 0.0, 0.0
+    for logits, positions in ((out.start_logits, batch["start_positions"]), (out.end_logits, batch["end_positions"])):
+        valid = (positions >= 0) & (positions < length)
+        picked = jnp.take_along_axis(_log_probs(logits), jnp.clip(positions, 0, length - 1)[:, None], -1)[:, 0]
+        losses, counts = losses - 0.5 * picked * valid, counts + 0.5 * valid
+    return losses, counts
+
+
+LOSSES = {
+    "causal_lm": causal_lm_losses,
+    "sequence_classification": classification_losses,
+    "question_answering": question_answering_losses,
+}
+OUTPUTS = {
+    "causal_lm": (),
+    "sequence_classification": ("logits",),
+    "question_answering": ("start_logits", "end_logits"),
+}
+
+
+# ----- the trainer
+
+
+class FlaxTrainer:
+    """`opt_core.training.Trainer` in Flax: the model's params and the optax state, with jit'd steps.
 
     Args:
-        train_files: UTF-8 text files to train on.
-        output: the folder written: model, tokenizer, generation config, log and resumable state.
-        eval_files: held-out text; None holds out the last 2% of the training stream.
-        init_from: fine-tune this folder or hub id; None trains a fresh model.
-        config: config.json path or preset name for a fresh model; None uses a small default shape.
-        tokenizer: tokenizer folder; None reuses init_from's, or trains a BPE of `vocab_size` on the data.
-        steps, batch_size, seq_len: optimisation steps and the rows x tokens of each batch.
-        learning_rate, warmup_steps, weight_decay, clip_norm: AdamW with warmup + cosine decay (to 10%).
-        eval_every, save_every: steps between held-out evaluations and between checkpoints.
-        resume: continue from `output`'s checkpoint.
-        save_dtype: dtype of the saved weights.
-        seed: seeds initialisation, dropout and data order.
+        model: a Flax OPT model with a task head.
+        options: the run's options.
     """
 
-    train_files: list[Path]
-    output: Path
-    eval_files: list[Path] | None = None
-    init_from: str | None = None
-    config: str | None = None
-    tokenizer: str | None = None
-    vocab_size: int = 4096
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 128
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    eval_every: int = 200
-    save_every: int = 500
-    resume: bool = False
-    save_dtype: str = "float32"
-    seed: int = 0
+    optimizer_file = OPTIMIZER_NAME
+
+    def __init__(self, model, options: TrainOptions):
+        self.model, self.options = model, options
+        self.optimizer = build_optimizer(options)
+        self.params = model.params
+        self.opt_state = self.optimizer.init(self.params)
+        self.key = jax.random.PRNGKey(options.seed)
+        self.dropout = options.dropout and _has_dropout(model.config)
+        self._train_step, self._eval_step = _make_steps(model, self.optimizer, self.dropout)
+
+    def train_step(self, batch: Mapping[str, np.ndarray], learning_rate: float, step: int) -> float:
+        inputs = {k: jnp.asarray(v) for k, v in batch.items() if k in _INPUTS}
+        key = jax.random.fold_in(self.key, step)
+        self.params, self.opt_state, loss = self._train_step(
+            self.params, self.opt_state, inputs, jnp.float32(learning_rate), key
+        )
+        return float(loss)
+
+    def eval_outputs(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = {k: jnp.asarray(v) for k, v in batch.items() if k in _INPUTS}
+        return {k: np.asarray(v) for k, v in self._eval_step(self.params, inputs).items()}
+
+    def optimizer_state(self) -> bytes:
+        return optimizer_bytes(self.opt_state, self.params, self.options.save_dtype)
+
+    def save(self, folder: Path, extra_files: Mapping[str, bytes]) -> None:
+        save_model(folder, self.model, self.params, self.options.save_dtype, extra_files)
+
+    def restore(self, folder: Path, optimizer_state: bytes) -> None:
+        params = MODEL_OF_HEAD[self.model.head].from_pretrained(folder, param_dtype=jnp.float32).params
+        self.params, self.opt_state = restore_optimizer(optimizer_state, params, self.opt_state, self.options)
 
 
-# A small default shape: ~3.4M parameters with a 4096-token vocabulary (under 7 MB in float16).
-SMALL_SHAPE = dict(
-    hidden_size=224,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    ffn_dim=896,
-    max_position_embeddings=256,
-    dropout=0.0,
-)
+def _has_dropout(config) -> bool:
+    return any(getattr(config, name, 0.0) > 0 for name in ("dropout", "attention_dropout", "activation_dropout"))
 
 
-# ----- data
+def _make_steps(model, optimizer: optax.GradientTransformation, dropout: bool):
+    loss_terms, output_names = LOSSES[model.head], OUTPUTS[model.head]
 
+    def sums(params, batch, key):
+        out = model(batch["input_ids"], batch.get("attention_mask"), params=params, train=dropout, dropout_rng=key)
+        losses, counts = loss_terms(out, batch)
+        return losses.sum(), counts.sum().astype(jnp.float32)
 
-def token_stream(tokenizer: OPTTokenizer, files: list[Path]) -> np.ndarray:
-    """All files' tokens, each file followed by `</s>` (OPT's document separator)."""
-    pieces = []
-    for file in files:
-        text = Path(file).read_text(encoding="utf-8")
-        pieces.append(np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int32))
-        pieces.append(np.asarray([tokenizer.eos_token_id], dtype=np.int32))
-    return np.concatenate(pieces)
-
-
-def rows(stream: np.ndarray, seq_len: int, bos: int) -> np.ndarray:
-    """N x seq_len rows, each `</s>` followed by seq_len - 1 tokens of the stream."""
-    body = seq_len - 1
-    count = len(stream) // body
-    if count == 0:
-        raise ConfigError(f"the text has {len(stream)} tokens, fewer than one row of seq_len={seq_len}")
-    chunks = stream[: count * body].reshape(count, body)
-    return np.concatenate([np.full((count, 1), bos, dtype=np.int32), chunks], axis=1)
-
-
-def split_data(cfg: TrainConfig, tokenizer: OPTTokenizer) -> tuple[np.ndarray, np.ndarray]:
-    stream = token_stream(tokenizer, cfg.train_files)
-    if cfg.eval_files:
-        held_out = token_stream(tokenizer, cfg.eval_files)
-    else:
-        cut = int(len(stream) * 0.98)
-        stream, held_out = stream[:cut], stream[cut:]
-    bos = tokenizer.bos_token_id
-    return rows(stream, cfg.seq_len, bos), rows(held_out, cfg.seq_len, bos)
-
-
-# ----- model, tokenizer, optimizer
-
-
-def build_tokenizer(cfg: TrainConfig) -> OPTTokenizer:
-    if cfg.tokenizer or cfg.init_from:
-        return OPTTokenizer.from_pretrained(cfg.tokenizer or cfg.init_from)
-    # Trained aside: the output folder gets the tokenizer's files only in a checkpoint's commit, with the weights.
-    with tempfile.TemporaryDirectory() as folder:
-        return train_bpe_tokenizer([str(f) for f in cfg.train_files], cfg.vocab_size, folder)
-
-
-def build_model(cfg: TrainConfig, tokenizer: OPTTokenizer) -> FlaxOPTForCausalLM:
-    if cfg.init_from:
-        return FlaxOPTForCausalLM.from_pretrained(cfg.init_from)
-    if cfg.config and Path(cfg.config).is_file():
-        config = OPTConfig.from_pretrained(cfg.config)
-    elif cfg.config:
-        config = OPTConfig.from_preset(cfg.config)
-    else:
-        config = OPTConfig(**SMALL_SHAPE)
-    config = config.replace(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    if cfg.seq_len > config.max_position_embeddings:
-        raise ConfigError(f"seq_len {cfg.seq_len} exceeds max_position_embeddings {config.max_position_embeddings}")
-    return FlaxOPTForCausalLM(config, seed=cfg.seed)
-
-
-def build_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1), cfg.learning_rate * 0.1
-    )
-    # Decay matrices only: biases, norm scales and (as usual for LMs) nothing one-dimensional.
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask),
-    )
-
-
-# ----- steps
-
-
-def causal_lm_loss(model: FlaxOPTForCausalLM, params, batch, dropout_rng=None) -> jax.Array:
-    """Mean next-token cross-entropy over every position of the batch (B T int32)."""
-    train = dropout_rng is not None
-    logits = model(batch, params=params, train=train, dropout_rng=dropout_rng).logits[:, :-1]  # B T-1 V
-    targets = batch[:, 1:]
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1).mean()
-
-
-def make_steps(model: FlaxOPTForCausalLM, optimizer: optax.GradientTransformation):
     @jax.jit
-    def train_step(params, opt_state, batch, rng):
-        dropout_rng = rng if model.config.dropout > 0 else None
-        loss, grads = jax.value_and_grad(lambda p: causal_lm_loss(model, p, batch, dropout_rng))(params)
+    def train_step(params, opt_state, batch, learning_rate, key):
+        accumulation = jax.tree.leaves(batch)[0].shape[0]
+
+        def micro_step(carry, xs):
+            grads, total, count = carry
+            micro_batch, index = xs
+            rng = jax.random.fold_in(key, index) if dropout else None
+            (loss_sum, loss_count), micro_grads = jax.value_and_grad(sums, has_aux=True)(params, micro_batch, rng)
+            return (jax.tree.map(jnp.add, grads, micro_grads), total + loss_sum, count + loss_count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        carry = (zeros, jnp.float32(0), jnp.float32(0))
+        (grads, total, count), _ = jax.lax.scan(micro_step, carry, (batch, jnp.arange(accumulation)))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)  # the gradient of the whole step's mean loss
+        opt_state.hyperparams["learning_rate"] = learning_rate
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, total / count
 
     @jax.jit
     def eval_step(params, batch):
-        return causal_lm_loss(model, params, batch)
+        out = model(batch["input_ids"], batch.get("attention_mask"), params=params)
+        losses, counts = loss_terms(out, batch)
+        outputs = {name: getattr(out, name).astype(jnp.float32) for name in output_names}
+        return {"loss_sum": losses, "loss_count": counts.astype(jnp.float32), **outputs}
 
     return train_step, eval_step
 
 
-def evaluate(eval_step, params, held_out: np.ndarray, batch_size: int) -> float:
-    """Perplexity over the held-out rows (whole batches; the remainder is dropped for static shapes)."""
-    batches = max(len(held_out) // batch_size, 1)
-    losses = [float(eval_step(params, held_out[i * batch_size : (i + 1) * batch_size])) for i in range(batches)]
-    return math.exp(float(np.mean(losses)))
+# ----- checkpoints (the commit is `opt_core.pretrained.save_pretrained`'s; the state is `opt_core.training`'s)
 
 
-# ----- checkpoints
+def optimizer_bytes(opt_state, params, save_dtype: str) -> bytes:
+    """The optax state, and the float32 params when the saved weights are rounded (so that resuming is exact)."""
+    master = params if save_dtype != "float32" else None
+    return flax.serialization.to_bytes({"opt_state": opt_state, "master": master})
 
 
-def save_state(
-    cfg: TrainConfig, model, params, opt_state, step: int, tokenizer_files: Mapping[str, bytes] | None = None
-) -> None:
-    """The model in HF's layout, its generation config, the optimizer state and step to resume from, and the
-    tokenizer's files, in one commit (`opt_core.files.FolderCommit`): a crash at any moment leaves the previous
-    checkpoint or this one, never the weights of one step beside the optimizer state of another."""
-    state = flax.serialization.to_bytes({"step": step, "opt_state": opt_state})
+def restore_optimizer(data: bytes, params, opt_state_template, options: TrainOptions) -> tuple[Any, Any]:
+    """(params, opt_state) from `optimizer_bytes`: the saved float32 params if any, else `params`."""
+    lossy = options.save_dtype != "float32"
+    template = {"opt_state": opt_state_template, "master": params if lossy else None}
+    state = flax.serialization.from_bytes(template, data)
+    return (state["master"] if lossy else params), state["opt_state"]
+
+
+def save_model(folder: Path, model, params, save_dtype: str, extra_files: Mapping[str, bytes]) -> None:
+    """The model in HF's layout (config with its head, generation config) and `extra_files`, in one commit."""
     save_folder(
-        cfg.output,
+        folder,
         params_to_canonical(params, model.config, model.head),
         model.config,
         model.head,
-        architecture=type(model).__name__.removeprefix("Flax"),  # HF names the torch class
+        architecture=ARCHITECTURE_OF_HEAD[model.head],
         generation_config=GenerationConfig.from_model_config(model.config),
         fmt="safetensors",
-        dtype=cfg.save_dtype,
-        extra_files={CHECKPOINT_NAME: state, **(tokenizer_files or {})},
+        dtype=save_dtype,
+        extra_files=extra_files,
     )
 
 
-def tokenizer_files(tokenizer: OPTTokenizer) -> dict[str, bytes]:
-    """{file name: bytes} of the tokenizer's folder, committed with every checkpoint."""
-    with tempfile.TemporaryDirectory() as folder:
-        return {Path(path).name: Path(path).read_bytes() for path in tokenizer.save_pretrained(folder)}
+def save_state(cfg: TrainOptions, model, params, opt_state, step: int, tokenizer: Mapping[str, bytes] | None = None):
+    """A checkpoint of `step` without a run (numpy pytrees are enough, so a forked process can save)."""
+    state = TrainingState(step, cfg.to_json(), log_offset=0)
+    files = checkpoint_files(state, OPTIMIZER_NAME, optimizer_bytes(opt_state, params, cfg.save_dtype))
+    save_model(cfg.output, model, params, cfg.save_dtype, {**files, **(tokenizer or {})})
 
 
-def restore_state(cfg: TrainConfig, params, opt_state) -> tuple[Any, Any, int]:
-    complete_interrupted_save(cfg.output)  # a checkpoint killed after its commit point is finished first
-    path = cfg.output / CHECKPOINT_NAME
-    if not path.is_file():
-        raise ConfigError(f"--resume: {path} does not exist; train without --resume first")
-    params = FlaxOPTForCausalLM.from_pretrained(cfg.output).params
-    state = flax.serialization.from_bytes({"step": 0, "opt_state": opt_state}, path.read_bytes())
-    return params, state["opt_state"], int(state["step"])
-
-
-# ----- the loop
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Runs the training described by `cfg`; returns the final metrics. Also written to `output/training_log.jsonl`."""
-    cfg = dataclasses.replace(cfg, output=Path(cfg.output), train_files=[Path(f) for f in cfg.train_files])
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    complete_interrupted_save(cfg.output)
-    tokenizer = build_tokenizer(cfg)
-    tokenizer_bytes = tokenizer_files(tokenizer)  # written with each checkpoint, never on their own
-    train_rows, held_out = split_data(cfg, tokenizer)
-    model = build_model(cfg, tokenizer)
-    optimizer = build_optimizer(cfg)
-    params, opt_state, start = model.params, optimizer.init(model.params), 0
-    if cfg.resume:
-        params, opt_state, start = restore_state(cfg, params, opt_state)
-    train_step, eval_step = make_steps(model, optimizer)
-    log = _Log(cfg, resume=cfg.resume)
-    log.write(
-        event="start",
-        train_rows=len(train_rows),
-        held_out_rows=len(held_out),
-        step=start,
-        parameters=sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)),
-    )
-    order = np.random.default_rng(cfg.seed).permutation(len(train_rows))
-    rng = jax.random.PRNGKey(cfg.seed)
-    progress = _Progress(cfg.steps, start)
-    for step in range(start, cfg.steps):
-        picks = order[(np.arange(cfg.batch_size) + step * cfg.batch_size) % len(order)]
-        params, opt_state, loss = train_step(params, opt_state, train_rows[picks], jax.random.fold_in(rng, step))
-        progress.update(step + 1, float(loss), cfg.batch_size * cfg.seq_len)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            perplexity = evaluate(eval_step, params, held_out, cfg.batch_size)
-            log.write(
-                event="eval",
-                step=step + 1,
-                loss=float(loss),
-                held_out_perplexity=perplexity,
-                tokens_per_s=progress.rate,
-            )
-        if (step + 1) % cfg.save_every == 0:
-            save_state(cfg, model, params, opt_state, step + 1, tokenizer_bytes)
-    progress.close()
-    save_state(cfg, model, params, opt_state, cfg.steps, tokenizer_bytes)
-    final = {"step": cfg.steps, "held_out_perplexity": evaluate(eval_step, params, held_out, cfg.batch_size)}
-    log.write(event="end", **final)
-    return final
-
-
-class _Log:
-    def __init__(self, cfg: TrainConfig, resume: bool):
-        self.path = cfg.output / LOG_NAME
-        if not resume:
-            self.path.write_text("")
-
-    def write(self, **record) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if record.get("event") == "eval":
-            print(
-                f"step {record['step']}: loss {record['loss']:.3f}, held-out perplexity "
-                f"{record['held_out_perplexity']:.2f}",
-                file=sys.stderr,
-                flush=True,
-            )
-
-
-class _Progress:
-    """A progress bar on stderr with the loss (smoothed) and tokens per second."""
-
-    def __init__(self, total: int, start: int):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=start, file=sys.stderr, unit="step", dynamic_ncols=True)
-        self.smoothed, self.tokens, self.started, self.rate = None, 0, time.perf_counter(), 0.0
-
-    def update(self, step: int, loss: float, tokens: int) -> None:
-        self.smoothed = loss if self.smoothed is None else 0.98 * self.smoothed + 0.02 * loss
-        self.tokens += tokens
-        self.rate = self.tokens / (time.perf_counter() - self.started)
-        self.bar.set_postfix(loss=f"{self.smoothed:.3f}", tok_s=f"{self.rate:,.0f}", refresh=False)
-        self.bar.update(step - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()
+def restore_state(cfg: TrainOptions, params, opt_state) -> tuple[Any, Any, int]:
+    """(params, opt_state, step) of `cfg.output`'s checkpoint, `params` and `opt_state` giving the structure."""
+    state, data = read_checkpoint(cfg.output, OPTIMIZER_NAME)
+    params = MODEL_OF_HEAD[cfg.head].from_pretrained(cfg.output).params
+    params, opt_state = restore_optimizer(data, params, opt_state, cfg)
+    return params, opt_state, state.step
