@@ -219,7 +219,8 @@ class Trainer(Protocol):
 
     def eval_outputs(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The model's outputs on one eval batch (arrays [B, ...], no dropout): "loss_sum" and "loss_count" per
-        row, and the task's outputs for `evaluate` ("start_logits"/"end_logits", "logits")."""
+        row (0 where the batch has no targets), and the task's outputs for `opt_core.data.evaluate` ("logits",
+        or "start_logits" and "end_logits"), as float32."""
 
     def optimizer_state(self) -> bytes:
         """The optimizer's state (and, with a lossy save dtype, the float32 weights) as bytes."""
@@ -397,8 +398,9 @@ def _tokens(batch: Mapping[str, np.ndarray]) -> int:
 
 
 def evaluate(options: TrainOptions, data: Any, trainer: Trainer, task_metrics: Callable | None = None) -> dict:
-    """{"eval_loss", ...the task's metrics} over `data.eval`, in batches of `batch_size` rows (the last one padded
-    with repeats of its last row, so the framework sees one shape, and its padding dropped)."""
+    """{"eval_loss" (where the rows have targets), ...the task's metrics} over `data.eval`, in batches of
+    `batch_size` rows (the last one padded with repeats of its last row, so the framework sees one shape, and the
+    padding's outputs dropped)."""
     num_rows = len(data.eval["input_ids"])
     outputs: dict[str, list[np.ndarray]] = {}
     for begin in range(0, num_rows, options.batch_size):
@@ -408,9 +410,10 @@ def evaluate(options: TrainOptions, data: Any, trainer: Trainer, task_metrics: C
             outputs.setdefault(name, []).append(np.asarray(array)[: len(rows)])
     merged = {name: np.concatenate(arrays) for name, arrays in outputs.items()}
     loss_sum, count = float(merged.pop("loss_sum").sum()), float(merged.pop("loss_count").sum())
-    metrics: dict[str, float] = {"eval_loss": loss_sum / max(count, 1.0)}
+    # QA's eval rows carry no answer positions, hence no loss: eval_loss is left out then, as HF's evaluation does.
+    totals = {"loss_sum": loss_sum, "token_count": count} if count > 0 else {}
+    metrics: dict[str, float] = {"eval_loss": loss_sum / count} if count > 0 else {}
     if task_metrics is not None:
-        totals = {"loss_sum": loss_sum, "token_count": count}
         metrics.update({k: float(v) for k, v in task_metrics(data, {**merged, **totals}).items()})
     elif options.task == "causal-lm":
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))

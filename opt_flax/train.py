@@ -23,6 +23,7 @@ import optax
 
 from opt_core.files import complete_interrupted_save
 from opt_core.generation import GenerationConfig
+from opt_core.heads import problem_type
 from opt_core.pretrained import save_pretrained as save_folder
 from opt_core.training import (
     ARCHITECTURE_OF_HEAD,
@@ -119,7 +120,7 @@ def _log_probs(logits: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def causal_lm_losses(out, batch) -> tuple[jax.Array, jax.Array]:
+def causal_lm_losses(out, batch, config) -> tuple[jax.Array, jax.Array]:
     """Per row: summed next-token cross-entropy over labels != -100 (HF's shift), and the count of terms."""
     labels = batch["labels"][:, 1:]  # B T-1
     valid = labels != -100
@@ -127,18 +128,26 @@ def causal_lm_losses(out, batch) -> tuple[jax.Array, jax.Array]:
     return -(picked[..., 0] * valid).sum(-1), valid.sum(-1)
 
 
-def classification_losses(out, batch) -> tuple[jax.Array, jax.Array]:
-    """Per row: cross-entropy of the label (mean squared error with one label, HF's regression)."""
-    labels = batch["labels"]
-    if out.logits.shape[-1] == 1:
-        losses = (out.logits[:, 0].astype(jnp.float32) - labels.astype(jnp.float32)) ** 2
+def classification_losses(out, batch, config) -> tuple[jax.Array, jax.Array]:
+    """Per row: HF's loss of the problem type (`opt_core.heads.problem_type`): cross-entropy of the label, the
+    squared error of a regression, or the mean binary cross-entropy over the labels of a multi-label row."""
+    labels, logits = batch["labels"], out.logits.astype(jnp.float32)
+    kind = problem_type(config, logits.shape[-1], jnp.issubdtype(labels.dtype, jnp.integer))
+    if kind == "regression":
+        losses = ((logits.reshape(labels.shape) - labels.astype(jnp.float32)) ** 2).reshape(len(logits), -1).mean(-1)
+    elif kind == "single_label_classification":
+        losses = -jnp.take_along_axis(_log_probs(logits), labels.astype(jnp.int32)[:, None], -1)[:, 0]
     else:
-        losses = -jnp.take_along_axis(_log_probs(out.logits), labels.astype(jnp.int32)[:, None], -1)[:, 0]
+        losses = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean(-1)
     return losses, jnp.ones_like(losses)
 
 
-def question_answering_losses(out, batch) -> tuple[jax.Array, jax.Array]:
-    """Per row: the mean of the start and end positions' cross-entropies (positions past the row are ignored)."""
+def question_answering_losses(out, batch, config) -> tuple[jax.Array, jax.Array]:
+    """Per row: the mean of the start and end positions' cross-entropies (positions past the row are ignored,
+    as HF's clamp to an ignored index); no terms where the batch has no positions (QA's eval rows)."""
+    if "start_positions" not in batch:
+        zeros = jnp.zeros(out.start_logits.shape[0], jnp.float32)
+        return zeros, zeros
     length = out.start_logits.shape[-1]
     losses, counts = 0.0, 0.0
     for logits, positions in ((out.start_logits, batch["start_positions"]), (out.end_logits, batch["end_positions"])):
@@ -214,7 +223,7 @@ def _make_steps(model, optimizer: optax.GradientTransformation, dropout: bool):
 
     def sums(params, batch, key):
         out = model(batch["input_ids"], batch.get("attention_mask"), params=params, train=dropout, dropout_rng=key)
-        losses, counts = loss_terms(out, batch)
+        losses, counts = loss_terms(out, batch, model.config)
         return losses.sum(), counts.sum().astype(jnp.float32)
 
     @jax.jit
@@ -240,7 +249,7 @@ def _make_steps(model, optimizer: optax.GradientTransformation, dropout: bool):
     @jax.jit
     def eval_step(params, batch):
         out = model(batch["input_ids"], batch.get("attention_mask"), params=params)
-        losses, counts = loss_terms(out, batch)
+        losses, counts = loss_terms(out, batch, model.config)
         outputs = {name: getattr(out, name).astype(jnp.float32) for name in output_names}
         return {"loss_sum": losses, "loss_count": counts.astype(jnp.float32), **outputs}
 

@@ -231,3 +231,129 @@ def test_accumulating_micro_batches_is_one_big_batch(tmp_path):
         run_training(opts, task_data(), flax_trainer(opts, dropout=0.0), {})
         losses[accumulation] = [r["loss"] for r in log_of(opts.output) if r["event"] == "train"]
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
+
+
+# ----- every task's loss and metrics
+
+
+def task_batch(head: str) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, BASE["vocab_size"], size=(3, 9)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if head == "causal_lm":
+        batch["labels"] = np.where(rng.random(ids.shape) < 0.3, -100, ids).astype(np.int32)
+    elif head == "sequence_classification":
+        batch["labels"] = np.array([0, 2, 1], dtype=np.int32)
+    else:
+        batch["start_positions"], batch["end_positions"] = np.array([1, 4, 0]), np.array([3, 8, 0])
+    return batch
+
+
+@pytest.mark.parametrize("head", ["causal_lm", "sequence_classification", "question_answering"])
+def test_the_flax_loss_is_hf_s(hf_checkpoint, head, tmp_path):
+    import torch
+
+    from opt_flax.train import MODEL_OF_HEAD, FlaxTrainer
+
+    folder, hf_model = hf_checkpoint("pre_ln", head)
+    trainer = FlaxTrainer(MODEL_OF_HEAD[head].from_pretrained(folder), options(tmp_path, dropout=False))
+    batch = task_batch(head)
+    outputs = trainer.eval_outputs(batch)
+    with torch.no_grad():
+        expected = hf_model(**{k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in batch.items()}).loss
+    assert outputs["loss_sum"].sum() / outputs["loss_count"].sum() == pytest.approx(float(expected), abs=1e-5)
+
+
+TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, max_position_embeddings=64)
+
+
+def write_task_files(folder: Path, task: str) -> Path:
+    if task == "sequence-classification":
+        path = folder / "train.csv"
+        lines = ["text,label"] + [f"{w} is {'good' if i % 2 else 'bad'} {i},{'pos' if i % 2 else 'neg'}" for i, w in
+                                  enumerate(["this", "that", "it", "the film", "a book"] * 8)]  # fmt: skip
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    path = folder / "train.jsonl"
+    rows = []
+    for i in range(40):
+        context = f"The cat number {i} sat on the mat near the door of house {i * 7}."
+        answer = f"house {i * 7}"
+        rows.append(dict(id=str(i), question=f"Where did cat {i} sit?", context=context,
+                         answers={"text": [answer], "answer_start": [context.index(answer)]}))  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("task", "architecture", "metrics"),
+    [
+        ("sequence-classification", "OPTForSequenceClassification", {"eval_loss", "accuracy", "macro_f1"}),
+        ("question-answering", "OPTForQuestionAnswering", {"exact_match", "f1"}),
+    ],
+)
+def test_a_task_trains_end_to_end_and_hf_loads_its_folder(tmp_path, task, architecture, metrics):
+    import transformers
+
+    from opt_flax.train import train
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_MODEL))
+    result = train(
+        train_files=[write_task_files(tmp_path, task)],
+        output=tmp_path / "out",
+        task=task,
+        config=str(tmp_path / "config.json"),
+        vocab_size=300,
+        steps=3,
+        batch_size=4,
+        warmup_steps=1,
+        max_length=48,
+        stride=16,
+        eval_fraction=0.2,
+        eval_every=3,
+    )
+    assert set(result) == {"step"} | metrics
+    evals = [r for r in log_of(tmp_path / "out") if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [3] and set(evals[0]) == {"event", "step"} | metrics
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == [architecture]
+    hf_model = getattr(transformers, architecture).from_pretrained(tmp_path / "out")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer("a")["input_ids"][0] == 2 and (tmp_path / "out" / "generation_config.json").is_file()
+    if task == "sequence-classification":
+        assert hf_model.config.id2label == {0: "neg", 1: "pos"}
+
+
+@pytest.mark.slow  # three runs through the entry point: a BPE and a compile each (about 40 s on 2 cores)
+def test_train_resumes_a_killed_mixed_precision_run_exactly(tmp_path, monkeypatch):
+    """Through the entry point: bf16 compute, float16 on disk (the float32 weights ride in the optimizer state),
+    the tokenizer trained once and read back from the checkpoint."""
+    from opt_flax import train as flax_train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"word{i % 17} and item{i % 5}." for i in range(400)))
+    (tmp_path / "config.json").write_text(json.dumps(TINY_MODEL))
+    flags = dict(train_files=[corpus], config=str(tmp_path / "config.json"), vocab_size=300, steps=4,
+                 batch_size=2, grad_accum=2, seq_len=16, warmup_steps=1, save_every=2, eval_every=2, log_every=1,
+                 dtype="bfloat16", save_dtype="float16")  # fmt: skip
+    flax_train.train(output=tmp_path / "a", **flags)
+    step = flax_train.FlaxTrainer.train_step
+
+    def killed_at_3(self, batch, rate, index):
+        if index == 3:
+            raise Killed
+        return step(self, batch, rate, index)
+
+    monkeypatch.setattr(flax_train.FlaxTrainer, "train_step", killed_at_3)
+    with pytest.raises(Killed):
+        flax_train.train(output=tmp_path / "b", **flags)
+    monkeypatch.setattr(flax_train.FlaxTrainer, "train_step", step)
+    flax_train.train(output=tmp_path / "b", resume=True, **flags)
+
+    def without_speed(records):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+    assert without_speed(log_of(tmp_path / "b")) == without_speed(log_of(tmp_path / "a"))
+    for name in ("model.safetensors", "optimizer.msgpack", "vocab.json"):
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["torch_dtype"] == "float16"
