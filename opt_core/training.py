@@ -38,11 +38,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from opt_core.config import OPTConfig
+from opt_core.data import TASKS, TaskData, batch_indices, load_task_data
+from opt_core.data import evaluate as task_evaluate
 from opt_core.errors import ConfigError
 from opt_core.files import complete_interrupted_save
 from opt_core.tokenizer import OPTTokenizer, train_bpe_tokenizer
 
-TASKS = ("causal-lm", "sequence-classification", "question-answering")
 HEAD_OF_TASK = {
     "causal-lm": "causal_lm",
     "sequence-classification": "sequence_classification",
@@ -321,6 +322,19 @@ def read_checkpoint(folder: Path, optimizer_file: str) -> tuple[TrainingState, b
     return state, optimizer_path.read_bytes()
 
 
+# The options that decide which rows each step takes: resuming with others would not continue the run.
+DATA_ORDER_OPTIONS = ("task", "batch_size", "grad_accum", "seed", "shuffle", "seq_len", "max_length", "stride")
+
+
+def check_resumable(state: TrainingState, options: TrainOptions) -> None:
+    """Refuses to resume with options that change the batches (the schedule's may change: e.g. more steps)."""
+    now = options.to_json()
+    changed = [name for name in DATA_ORDER_OPTIONS if name in state.options and state.options[name] != now[name]]
+    if changed:
+        what = ", ".join(f"{name}={now[name]!r} (the checkpoint's: {state.options[name]!r})" for name in changed)
+        raise ConfigError(f"--resume with {what} would not continue the checkpoint's batches; keep its values")
+
+
 def save_checkpoint(trainer: Trainer, options: TrainOptions, step: int, log_offset: int, extra: Mapping) -> None:
     """Commits the model, tokenizer (`extra`), optimizer state and training state of `step` in one commit."""
     state = TrainingState(step, options.to_json(), log_offset)
@@ -331,27 +345,7 @@ def save_checkpoint(trainer: Trainer, options: TrainOptions, step: int, log_offs
 # ----- the loop
 
 
-def default_batch_indices(num_rows: int, batch_size: int, step: int, seed: int, shuffle: bool) -> np.ndarray:
-    """The rows of batch `step`, a pure function of it: epoch after epoch through a seeded permutation (or in
-    file order). Stands in for `opt_core.data.batch_indices` until that module lands."""
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = positions // num_rows, positions % num_rows
-    if not shuffle:
-        return offsets
-    orders = {e: np.random.default_rng([seed, int(e)]).permutation(num_rows) for e in np.unique(epochs)}
-    return np.array([orders[e][o] for e, o in zip(epochs, offsets)])
-
-
-def _data_functions() -> tuple[Callable, Callable | None]:
-    """`opt_core.data`'s batch order and task metrics (written alongside this module), or stand-ins."""
-    try:
-        from opt_core import data
-    except ImportError:
-        return default_batch_indices, None
-    return getattr(data, "batch_indices", default_batch_indices), getattr(data, "evaluate", None)
-
-
-def run_training(options: TrainOptions, data: Any, trainer: Trainer, extra_files: Mapping[str, bytes]) -> dict:
+def run_training(options: TrainOptions, data: TaskData, trainer: Trainer, extra_files: Mapping[str, bytes]) -> dict:
     """Trains `trainer` on `data` (an `opt_core.data.TaskData`: `train` and `eval` dicts of row-aligned arrays)
     as `options` say; returns the last evaluation (or {"step"} when there is no eval data).
 
@@ -361,11 +355,11 @@ def run_training(options: TrainOptions, data: Any, trainer: Trainer, extra_files
         trainer: the framework's half (`Trainer`), built with the task's head and config updates.
         extra_files: committed with every checkpoint (the tokenizer's files).
     """
-    batch_indices, task_metrics = _data_functions()
     options.output.mkdir(parents=True, exist_ok=True)
     start, log_offset = 0, None
     if options.resume:
         state, optimizer_bytes = read_checkpoint(options.output, trainer.optimizer_file)
+        check_resumable(state, options)
         trainer.restore(options.output, optimizer_bytes)
         start, log_offset = state.step, state.log_offset
     log = TrainingLog(options.output, log_offset)
@@ -384,7 +378,7 @@ def run_training(options: TrainOptions, data: Any, trainer: Trainer, extra_files
             log.train(step + 1, loss, rate, progress.rate)
         done = step + 1 == options.steps
         if data.eval is not None and ((step + 1) % options.eval_every == 0 or done):
-            last_eval = evaluate(options, data, trainer, task_metrics)
+            last_eval = evaluate(options, data, trainer)
             log.eval(step + 1, last_eval)
         if (step + 1) % options.save_every == 0 or done:
             save_checkpoint(trainer, options, step + 1, log.offset, extra_files)
@@ -397,7 +391,7 @@ def _tokens(batch: Mapping[str, np.ndarray]) -> int:
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].size)
 
 
-def evaluate(options: TrainOptions, data: Any, trainer: Trainer, task_metrics: Callable | None = None) -> dict:
+def evaluate(options: TrainOptions, data: TaskData, trainer: Trainer, task_metrics: Callable = task_evaluate) -> dict:
     """{"eval_loss" (where the rows have targets), ...the task's metrics} over `data.eval`, in batches of
     `batch_size` rows (the last one padded with repeats of its last row, so the framework sees one shape, and the
     padding's outputs dropped)."""
@@ -413,10 +407,7 @@ def evaluate(options: TrainOptions, data: Any, trainer: Trainer, task_metrics: C
     # QA's eval rows carry no answer positions, hence no loss: eval_loss is left out then, as HF's evaluation does.
     totals = {"loss_sum": loss_sum, "token_count": count} if count > 0 else {}
     metrics: dict[str, float] = {"eval_loss": loss_sum / count} if count > 0 else {}
-    if task_metrics is not None:
-        metrics.update({k: float(v) for k, v in task_metrics(data, {**merged, **totals}).items()})
-    elif options.task == "causal-lm":
-        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
+    metrics.update({k: float(v) for k, v in task_metrics(data, {**merged, **totals}).items()})
     if "perplexity" in metrics:
         metrics["held_out_perplexity"] = metrics["perplexity"]  # the name `opt-lm train` logged before issue 16
     return metrics
@@ -487,63 +478,19 @@ def check_length(options: TrainOptions, config: OPTConfig) -> None:
         raise ConfigError(f"{name} {length} exceeds max_position_embeddings {config.max_position_embeddings}")
 
 
-@dataclasses.dataclass
-class TextRows:
-    """Causal-LM rows of text files, shaped as `opt_core.data.TaskData` (which replaces it when it lands)."""
-
-    task: str
-    train: dict[str, np.ndarray]
-    eval: dict[str, np.ndarray] | None
-    config_updates: dict[str, Any]
+TextRows = TaskData  # the name this module's first tests gave causal-LM rows
 
 
-def load_data(options: TrainOptions, tokenizer: OPTTokenizer) -> Any:
-    """The task's rows: `opt_core.data.load_task_data`, or (until it lands) causal-LM rows of the text files."""
-    try:
-        from opt_core.data import load_task_data
-    except ImportError:
-        load_task_data = None
-    if load_task_data is not None:
-        return load_task_data(
-            options.task,
-            options.train_files,
-            options.eval_files,
-            tokenizer,
-            seq_len=options.seq_len,
-            max_length=options.max_length,
-            stride=options.stride,
-            eval_fraction=options.eval_fraction,
-            seed=options.seed,
-        )
-    if options.task != "causal-lm":
-        raise ConfigError(f"task {options.task!r} needs opt_core.data, which this installation lacks")
-    stream = _token_stream(tokenizer, options.train_files)
-    if options.eval_files:
-        held_out = _token_stream(tokenizer, options.eval_files)
-    else:
-        cut = int(len(stream) * (1 - options.eval_fraction))
-        stream, held_out = stream[:cut], stream[cut:]
-    bos = tokenizer.bos_token_id
-    held = _rows(held_out, options.seq_len, bos) if options.eval_files or options.eval_fraction else None
-    return TextRows(options.task, _rows(stream, options.seq_len, bos), held, {})
-
-
-def _token_stream(tokenizer: OPTTokenizer, files: Sequence[Path]) -> np.ndarray:
-    """All files' tokens, each file followed by `</s>` (OPT's document separator)."""
-    pieces = []
-    for file in files:
-        text = Path(file).read_text(encoding="utf-8")
-        pieces.append(np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int32))
-        pieces.append(np.asarray([tokenizer.eos_token_id], dtype=np.int32))
-    return np.concatenate(pieces)
-
-
-def _rows(stream: np.ndarray, seq_len: int, bos: int) -> dict[str, np.ndarray]:
-    """N x seq_len rows, each `</s>` (as OPT's tokenizer starts every prompt) then seq_len - 1 tokens."""
-    body = seq_len - 1
-    count = len(stream) // body
-    if count == 0:
-        raise ConfigError(f"the text has {len(stream)} tokens, fewer than one row of seq_len={seq_len}")
-    chunks = stream[: count * body].reshape(count, body)
-    ids = np.concatenate([np.full((count, 1), bos, dtype=np.int32), chunks], axis=1)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
+def load_data(options: TrainOptions, tokenizer: OPTTokenizer) -> TaskData:
+    """The task's rows as the options say (`opt_core.data.load_task_data`)."""
+    return load_task_data(
+        options.task,
+        options.train_files,
+        options.eval_files,
+        tokenizer,
+        seq_len=options.seq_len,
+        max_length=options.max_length,
+        stride=options.stride,
+        eval_fraction=options.eval_fraction,
+        seed=options.seed,
+    )

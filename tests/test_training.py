@@ -357,3 +357,18 @@ def test_train_resumes_a_killed_mixed_precision_run_exactly(tmp_path, monkeypatc
     for name in ("model.safetensors", "optimizer.msgpack", "vocab.json"):
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
     assert json.loads((tmp_path / "a" / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_resuming_with_other_batches_or_without_a_checkpoint_is_an_error(uninterrupted, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(uninterrupted[0], folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    opts = run_options(folder, resume=True, batch_size=4, seed=1)
+    with pytest.raises(ConfigError, match=r"batch_size=4 \(the checkpoint's: 2\), seed=1 \(the checkpoint's: 0\)"):
+        run_training(opts, task_data(), flax_trainer(opts), {})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    empty = run_options(tmp_path / "empty", resume=True)
+    with pytest.raises(ConfigError, match="holds no checkpoint"):
+        run_training(empty, task_data(), flax_trainer(empty), {})
