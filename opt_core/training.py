@@ -191,6 +191,7 @@ def learning_rate(step: int, options: TrainOptions) -> float:
     progress = (step - warmup) / max(1, total - warmup)
     if options.schedule == "linear":
         return options.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
+    # HF's num_cycles=0.5, in HF's order of operations so that the floats agree exactly
     return options.learning_rate * max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
 
 

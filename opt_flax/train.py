@@ -56,8 +56,12 @@ __all__ = ["FlaxTrainer", "TrainConfig", "TrainOptions", "build_optimizer", "tok
 
 
 def train(options: TrainOptions | None = None, **flags: Any) -> dict:
-    """Runs a training (`opt-lm train`): `train(TrainOptions(...))` or `train(train_files=..., output=..., ...)`
-    with the flags' names; returns the last evaluation. The log is `output/training_log.jsonl`."""
+    """Runs a training (`opt-lm train`); returns the last evaluation ({"step", "eval_loss", ...metrics}).
+
+    Args:
+        options: the run's options; or else
+        **flags: `TrainOptions`' fields by name (the flags' names), e.g. `train(train_files=[...], output=...)`.
+    """
     options = options if options is not None else TrainOptions(**flags)
     check_files("train_files", options.train_files, required=True)
     check_files("eval_files", options.eval_files, required=False)
