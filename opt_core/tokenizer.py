@@ -747,6 +747,8 @@ def _parse_tokenizer_json(content: dict, path: Path | str) -> tuple[dict, list, 
     model = content.get("model")
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "merges" not in model:
         raise CheckpointError(f"{path} does not hold a BPE model (OPT's tokenizer is GPT-2's byte-level BPE)")
+    if not isinstance(model["merges"], list) or not isinstance(content.get("added_tokens") or [], list):
+        raise CheckpointError(f"{path}: the model's merges and the added_tokens must be lists")
     merges = []
     for number, merge in enumerate(model["merges"]):
         pair = merge.split(" ") if isinstance(merge, str) else merge
@@ -789,6 +791,14 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
 
 def _build_backend(vocab: dict[str, int], merges: list[tuple[str, str]], add_prefix_space: bool) -> Tokenizer:
     """GPT-2's byte-level BPE, built as HF's GPT2Tokenizer builds it (tokenizer.json's pipeline is not trusted)."""
+    # `tokenizers` refuses a merge whose tokens are not in the vocabulary, but for some (a merged token that is
+    # missing, next to multi-byte characters) it panics instead, printing a Rust backtrace: checked here first.
+    for number, (a, b) in enumerate(merges):
+        missing = next((token for token in (a, b, a + b) if token not in vocab), None)
+        if missing is not None:
+            raise CheckpointError(
+                f"vocabulary and merges do not agree: merge {number} ({a!r} {b!r}) needs {missing!r}, not in it"
+            )
     try:
         model = BPE(
             vocab=vocab,
@@ -836,6 +846,8 @@ def _role_tokens(config: dict, special_map: dict) -> dict[str, AddedToken | None
 def _as_added_token(value: Any) -> AddedToken | None:
     if value is None or isinstance(value, AddedToken):
         return value
+    if value == "" or (isinstance(value, dict) and value.get("content") == ""):
+        raise ConfigError("a special token cannot be empty")
     if isinstance(value, str):
         return AddedToken(value, special=True, normalized=False)
     if isinstance(value, dict) and isinstance(value.get("content"), str):

@@ -598,7 +598,7 @@ class _ZipStorages:
             raise _Corrupt(f"the archive has no entry {self.prefix}data/{key}") from None
         if info.compress_type != zipfile.ZIP_STORED:
             # torch never compresses; a re-zipped archive still reads, just not memory-mapped.
-            return np.frombuffer(_read_compressed(self.archive, info, len(self.mapped)), np.uint8)
+            return np.frombuffer(_read_entry(self.archive, info, len(self.mapped)), np.uint8)
         header = self.mapped[info.header_offset : info.header_offset + 30]
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise _Corrupt(f"the zip header of data/{key} is damaged")
@@ -609,9 +609,12 @@ class _ZipStorages:
         return np.frombuffer(self.mapped, np.uint8, info.file_size, start)
 
 
-def _read_compressed(archive: zipfile.ZipFile, info: zipfile.ZipInfo, archive_size: int) -> bytes:
-    """A compressed entry's bytes, refused before decompressing when it claims to expand past twice the archive's
-    size: real weights barely compress, and a zip bomb must not allocate gigabytes before anything is refused."""
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, archive_size: int) -> bytes:
+    """An entry's bytes, refused before reading when it claims more bytes than the archive holds (zipfile allocates
+    the claimed size first) or to expand past twice the archive's size: real weights barely compress, and a zip
+    bomb must not allocate gigabytes before anything is refused."""
+    if info.compress_size > archive_size:
+        raise _Corrupt(f"{info.filename} claims {info.compress_size} bytes, more than the {archive_size}-byte file")
     if info.file_size > 2 * archive_size:
         raise _Corrupt(
             f"{info.filename} would expand to {info.file_size} bytes from a {archive_size}-byte file (a zip bomb?)"
@@ -631,12 +634,13 @@ def _zip_prefix(archive: zipfile.ZipFile) -> str:
     return prefix
 
 
-def _zip_byteorder(archive: zipfile.ZipFile, prefix: str) -> str:
+def _zip_byteorder(archive: zipfile.ZipFile, prefix: str, archive_size: int) -> str:
     try:
-        order = archive.read(f"{prefix}byteorder")
+        info = archive.getinfo(f"{prefix}byteorder")
     except KeyError:
         # Files from before the record existed came from little-endian machines; torch assumes so.
         return "little"
+    order = _read_entry(archive, info, archive_size)
     if order not in (b"little", b"big"):
         raise _Corrupt(f"unknown byte order {order!r}")
     return order.decode()
@@ -649,9 +653,9 @@ def _read_zip(file: IO[bytes], mapped: mmap.mmap, path: str, strict: bool) -> An
         raise _Corrupt(f"truncated or corrupt zip archive ({error})") from None
     with archive:
         prefix = _zip_prefix(archive)
-        swap = _zip_byteorder(archive, prefix) != sys.byteorder
+        swap = _zip_byteorder(archive, prefix, len(mapped)) != sys.byteorder
         storages = _ZipStorages(archive, mapped, prefix, swap)
-        data = _read_compressed(archive, archive.getinfo(f"{prefix}data.pkl"), len(mapped))
+        data = _read_entry(archive, archive.getinfo(f"{prefix}data.pkl"), len(mapped))
         return _Context(path, strict, storages.load).unpickle(io.BytesIO(data))
 
 
