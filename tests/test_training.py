@@ -15,7 +15,9 @@ from conftest import BASE
 
 from opt_core.config import OPTConfig
 from opt_core.errors import ConfigError
+from opt_core.pretrained import load_pretrained
 from opt_core.training import (
+    HEAD_OF_TASK,
     LOG_NAME,
     STATE_NAME,
     TextRows,
@@ -372,3 +374,71 @@ def test_resuming_with_other_batches_or_without_a_checkpoint_is_an_error(uninter
     empty = run_options(tmp_path / "empty", resume=True)
     with pytest.raises(ConfigError, match="holds no checkpoint"):
         run_training(empty, task_data(), flax_trainer(empty), {})
+
+
+# ----- parity: the same checkpoint, batches and formula give the same steps in Flax and PyTorch
+
+
+def parity_data(head: str) -> TextRows:
+    rng = np.random.default_rng(2)
+    ids = rng.integers(3, BASE["vocab_size"], size=(16, 10)).astype(np.int32)
+    rows = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if head == "causal_lm":
+        rows["labels"] = ids.copy()
+    elif head == "sequence_classification":
+        rows["labels"] = rng.integers(0, 3, size=16).astype(np.int32)
+    else:
+        starts = rng.integers(0, 8, size=16).astype(np.int32)
+        rows["start_positions"], rows["end_positions"] = starts, starts + rng.integers(0, 2, size=16).astype(np.int32)
+    task = {v: k for k, v in HEAD_OF_TASK.items()}[head]
+    return TextRows(task, rows, None, {})
+
+
+# Parameters whose exact gradient is 0, so that what the frameworks compute is rounding noise (~1e-9), which
+# Adam scales up to steps of ~lr, differently in each: a softmax over keys ignores q . b_k (the same for every
+# key), and QA's softmax over positions ignores what the final norm's bias and qa_outputs' bias add to each.
+NOISE_GRADIENTS = {
+    "causal_lm": ("k_proj.bias",),
+    "sequence_classification": ("k_proj.bias",),
+    "question_answering": ("k_proj.bias", "decoder.final_layer_norm.bias", "qa_outputs.bias"),
+}
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "causal_lm",
+        pytest.param("sequence_classification", marks=pytest.mark.slow),  # ~20 s each on 2 cores
+        pytest.param("question_answering", marks=pytest.mark.slow),
+    ],
+)
+def test_flax_and_torch_take_the_same_steps(hf_checkpoint, head, tmp_path):
+    """DESIGN.md's training parity: the per-step losses and the trained weights agree (float32, no dropout)."""
+    import torch  # noqa: F401 - imported before opt_torch.train, as every torch test does
+
+    from opt_flax.train import MODEL_OF_HEAD, FlaxTrainer
+    from opt_torch import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
+    from opt_torch.train import TorchTrainer, load_model
+
+    folder, _ = hf_checkpoint("pre_ln", head)
+    torch_class = {"causal_lm": OPTForCausalLM, "sequence_classification": OPTForSequenceClassification}
+    torch_class["question_answering"] = OPTForQuestionAnswering
+    data = parity_data(head)
+    losses, weights = {}, {}
+    for name in ("flax", "torch"):
+        opts = TrainOptions([], tmp_path / name, task=data.task, steps=5, batch_size=2, grad_accum=2,
+                            warmup_steps=2, learning_rate=1e-2, weight_decay=0.1, clip_norm=0.5, dropout=False,
+                            log_every=1)  # fmt: skip
+        if name == "flax":
+            trainer = FlaxTrainer(MODEL_OF_HEAD[head].from_pretrained(folder), opts)
+        else:
+            trainer = TorchTrainer(load_model(torch_class[head], folder, seed=0), opts, device="cpu")
+        run_training(opts, data, trainer, {})
+        losses[name] = [r["loss"] for r in log_of(opts.output)]
+        weights[name] = load_pretrained(opts.output, head).tensors
+    np.testing.assert_allclose(losses["flax"], losses["torch"], rtol=1e-5)
+    assert weights["flax"].keys() == weights["torch"].keys()
+    for key in weights["flax"]:
+        if key.endswith(NOISE_GRADIENTS[head]):
+            continue
+        np.testing.assert_allclose(weights["flax"][key], weights["torch"][key], atol=1e-5, err_msg=key)
