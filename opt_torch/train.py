@@ -46,6 +46,7 @@ from opt_core.training import (
 from opt_torch.modeling import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from opt_torch.pretrained import numpy_to_torch, torch_to_numpy
 
+TrainConfig = TrainOptions  # the name `opt-lm train` and older callers use (as in opt_flax.train)
 OPTIMIZER_NAME = "optimizer.safetensors"
 MODEL_OF_HEAD = {
     "causal_lm": OPTForCausalLM,
@@ -55,7 +56,7 @@ MODEL_OF_HEAD = {
 _INPUTS = ("input_ids", "attention_mask", "labels", "start_positions", "end_positions")
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
-__all__ = ["TorchTrainer", "TrainOptions", "build_model", "build_optimizer", "train"]
+__all__ = ["TorchTrainer", "TrainConfig", "TrainOptions", "build_model", "build_optimizer", "train"]
 
 
 def train(options: TrainOptions | None = None, *, device: str | None = None, compile: bool = False, **flags) -> dict:
