@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from conftest import BASE, FP32_ATOL, assert_close_on_real_tokens, randomize_
 
@@ -328,6 +329,19 @@ def test_a_resumed_run_gives_the_losses_and_weights_of_an_uninterrupted_one(tmp_
     assert without_speed(second.output) == without_speed(first.output)
     for name, param in whole.params.items():
         assert torch.equal(resumed.params[name], param), name
+
+
+def test_a_bad_optimizer_file_is_a_checkpoint_error(tmp_path, files, checkpoints):
+    from opt_core.errors import CheckpointError
+    from opt_torch.train import restore_optimizer
+
+    options = task_options(files, "causal-lm", tmp_path, checkpoints["causal-lm"], steps=1)
+    trainer = setup(options)[2]
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        restore_optimizer(trainer.optimizer, trainer.params, b"not safetensors", "float32")
+    partial = safetensors.torch.save({"exp_avg/model.decoder.embed_tokens.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="the state of model.decoder.embed_tokens.weight lacks"):
+        restore_optimizer(trainer.optimizer, trainer.params, partial, "float32")
 
 
 def test_accumulating_micro_batches_is_one_big_batch(tmp_path, files, checkpoints):
