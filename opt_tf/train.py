@@ -1,0 +1,374 @@
+"""Training and fine-tuning in Keras 3: the Keras step of `opt_core.training` (`opt-lm train`).
+
+Everything but the step is framework-free and lives in `opt_core.training`: options, HF's warmup + linear/cosine
+schedule, the weight-decay rule, data, the log and progress bar, checkpoints and resume. Here, Keras' own
+machinery: `model.compile(optimizer=keras.optimizers.AdamW(...))` with the model's own loss (`PreTrainedOPT.
+compute_loss`: the heads compute HF's losses from `labels` / `start_positions` / `end_positions` in the inputs),
+global-norm clipping (`global_clipnorm`), no decay where `opt_core.training.decays` says so
+(`exclude_from_weight_decay`), Keras' `gradient_accumulation_steps`, and a `mixed_bfloat16` dtype policy for bf16.
+
+Each protocol step runs `model.train_on_batch` once per micro-batch: that is `fit`'s compiled step for one batch.
+`fit` itself is not used because the shared loop owns batching, evaluation and checkpoints, so that all three
+frameworks see the same batches in the same order and save the same checkpoints. The rate of each step is assigned
+to `optimizer.learning_rate` (a variable the compiled step reads) before it runs.
+
+Two formula differences from torch.optim.AdamW, both Keras' own: Keras adds epsilon to sqrt(v) before the bias
+correction of v (torch after it), i.e. Keras' effective epsilon is `eps / sqrt(1 - beta2**t)`, 31.6x torch's at the
+first update and -> torch's as t grows; and Keras clips with `clip / max(norm, clip)` where torch's
+`clip_grad_norm_` uses `clip / (norm + 1e-6)`. tests/test_train_tf.py measures what they change in the losses.
+Keras' accumulation averages the micro-batches' mean losses; the protocol's mean over all loss terms of the step is
+the same when every micro-batch has as many terms, which `opt_core.data`'s rows always do (full causal-LM blocks,
+one label per classification row, QA positions always inside the window); `train_step` checks it.
+
+Siblings: `opt_torch/train.py`, `opt_flax/train.py`. Entry point: `train(options)` or `train(**options)`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from opt_core import pretrained as core_pretrained  # noqa: E402
+from opt_core.errors import ConfigError  # noqa: E402
+from opt_core.files import complete_interrupted_save  # noqa: E402
+from opt_core.generation import GenerationConfig  # noqa: E402
+from opt_core.heads import problem_type  # noqa: E402
+from opt_core.safetensors_file import read_safetensors, write_safetensors  # noqa: E402
+from opt_core.training import (  # noqa: E402
+    ARCHITECTURE_OF_HEAD,
+    TrainOptions,
+    build_tokenizer,
+    check_files,
+    check_length,
+    decays,
+    fresh_config,
+    load_data,
+    run_training,
+    tokenizer_files,
+)
+from opt_core.weights import parameter_specs  # noqa: E402
+from opt_tf.modeling import TFOPTForCausalLM, TFOPTForQuestionAnswering, TFOPTForSequenceClassification  # noqa: E402
+
+TrainConfig = TrainOptions  # the name `opt-lm train` uses, as in opt_flax.train
+OPTIMIZER_NAME = "optimizer.safetensors"
+MODEL_OF_HEAD = {
+    "causal_lm": TFOPTForCausalLM,
+    "sequence_classification": TFOPTForSequenceClassification,
+    "question_answering": TFOPTForQuestionAnswering,
+}
+_INPUTS = ("input_ids", "attention_mask", "labels", "start_positions", "end_positions")
+# XLA for the compiled steps, measured fastest once compiled: on 2 CPU cores, tests/conftest.py's tiny model,
+# batch 4 x 32 tokens, 10.5 ms a step with jit_compile=True against 16.6 ms without; compiling costs ~6 s more.
+JIT_COMPILE = True
+
+__all__ = ["TFTrainer", "TrainConfig", "TrainOptions", "build_optimizer", "train"]
+
+
+def train(options: TrainOptions | None = None, **flags: Any) -> dict:
+    """Runs a training (`opt-lm train`): `train(TrainOptions(...))` or `train(train_files=..., output=..., ...)`
+    with the flags' names; returns the last evaluation. The log is `output/training_log.jsonl`."""
+    options = options if options is not None else TrainOptions(**flags)
+    check_files("train_files", options.train_files, required=True)
+    check_files("eval_files", options.eval_files, required=False)
+    options.output.mkdir(parents=True, exist_ok=True)
+    complete_interrupted_save(options.output)
+    tokenizer = build_tokenizer(options)
+    data = load_data(options, tokenizer)
+    model = build_model(options, tokenizer, data.config_updates)
+    return run_training(options, data, TFTrainer(model, options), tokenizer_files(tokenizer))
+
+
+def build_model(options: TrainOptions, tokenizer, config_updates: Mapping[str, Any]) -> keras.Model:
+    """The model of the task's head: the checkpoint's when resuming, init_from's, or a fresh one (seeded)."""
+    cls = MODEL_OF_HEAD[options.head]
+    policy = "mixed_bfloat16" if options.dtype == "bfloat16" else "float32"
+    keras.utils.set_random_seed(options.seed)  # a fresh model's init, or a fresh task head's
+    if options.resume or options.init_from:
+        source = options.output if options.resume else options.init_from
+        model = cls.from_pretrained(source, dtype=policy, **config_updates)
+    else:
+        model = cls(fresh_config(options, tokenizer, config_updates), dtype=policy)
+    check_length(options, model.config)
+    return model
+
+
+class DenseAdamW(keras.optimizers.AdamW):
+    """Keras' AdamW, given dense gradients, with HF's frozen padding row.
+
+    An embedding lookup's gradient is a `tf.IndexedSlices` with one slice per looked-up token, duplicates
+    included, and Keras' TF optimizer scatters each slice's moment update on its own: a row looked up k times gets
+    sum(g_i**2) in its second moment instead of (sum g_i)**2, and rows not looked up keep stale moments (lazy
+    Adam). Measured: position rows a whole learning rate off torch's AdamW after one step. Summing the slices
+    first gives torch's dense update (and HF's).
+
+    OPT quirk: HF's `embed_tokens` is an `nn.Embedding(padding_idx=pad_token_id)`, whose lookups of the pad token
+    pass no gradient, so the pad row never trains from them. Where the table is only looked up (no tied head),
+    that is its pad row's gradient, zeroed here. A tied head's own gradient on that row is HF's too; only the
+    lookups of pad tokens would differ, and `opt_core.data`'s causal-LM rows have none.
+
+    Args:
+        pad_row: (the embedding variable, the pad token's row) to keep frozen, or None.
+        **kwargs: `keras.optimizers.AdamW`'s.
+    """
+
+    def __init__(self, pad_row: tuple[keras.Variable, int] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.pad_row = pad_row
+
+    def apply(self, grads, trainable_variables=None):
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        if self.pad_row is not None and trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+            table, row = self.pad_row
+            for index, variable in enumerate(trainable_variables):
+                if variable is table and grads[index] is not None:
+                    zeros = tf.zeros([1, grads[index].shape[-1]], grads[index].dtype)
+                    grads[index] = tf.tensor_scatter_nd_update(grads[index], [[row]], zeros)
+        return super().apply(grads, trainable_variables)
+
+
+def build_optimizer(options: TrainOptions, model: keras.Model) -> keras.optimizers.AdamW:
+    """Keras' AdamW (`DenseAdamW`) with the run's betas, epsilon and decay, clipping by global norm, accumulation over
+    `grad_accum` micro-batches, and no decay on the parameters `decays` excludes (biases, LayerNorm weights)."""
+    embed_tokens = model.get_input_embeddings().embeddings
+    tied = model.head == "causal_lm" and model.config.tie_word_embeddings
+    pad = model.config.pad_token_id
+    optimizer = DenseAdamW(
+        pad_row=None if tied or pad is None else (embed_tokens, pad),
+        learning_rate=0.0,  # assigned before every step
+        weight_decay=options.weight_decay,
+        beta_1=options.adam_beta1,
+        beta_2=options.adam_beta2,
+        epsilon=options.adam_epsilon,
+        global_clipnorm=options.clip_norm,
+        gradient_accumulation_steps=options.grad_accum if options.grad_accum > 1 else None,
+    )
+    kept = [variable for name, variable in canonical_variables(model).items() if not decays(name)]
+    optimizer.exclude_from_weight_decay(var_list=kept)
+    return optimizer
+
+
+def canonical_variables(model: keras.Model) -> dict[str, keras.Variable]:
+    """{canonical name: the model's variable} over the parameter table (a tied head once)."""
+    specs = parameter_specs(model.config, model.head)
+    return {spec.name: model.keras_variable(spec.name, spec.kind) for spec in specs}
+
+
+# ----- per-row losses for evaluation: (sum of the loss terms, their count), as opt_flax.train's
+
+
+def _cross_entropies(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.cast(logits, tf.float32))
+
+
+def causal_lm_losses(out, batch, config) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per row: summed next-token cross-entropy over labels != -100 (HF's shift), and the count of terms."""
+    labels = tf.cast(batch["labels"][:, 1:], tf.int32)  # B T-1
+    valid = tf.cast(labels != -100, tf.float32)
+    losses = _cross_entropies(out.logits[:, :-1], tf.where(labels != -100, labels, 0))
+    return tf.reduce_sum(losses * valid, -1), tf.reduce_sum(valid, -1)
+
+
+def classification_losses(out, batch, config) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per row: HF's loss of the problem type: cross-entropy, squared error, or mean binary cross-entropy."""
+    labels, logits = batch["labels"], tf.cast(out.logits, tf.float32)
+    kind = problem_type(config, logits.shape[-1], labels.dtype.is_integer)
+    if kind == "regression":
+        squares = tf.square(tf.reshape(logits, tf.shape(labels)) - tf.cast(labels, tf.float32))
+        losses = tf.reduce_mean(tf.reshape(squares, [tf.shape(logits)[0], -1]), -1)
+    elif kind == "single_label_classification":
+        losses = _cross_entropies(logits, tf.cast(labels, tf.int32))
+    else:
+        losses = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(tf.cast(labels, tf.float32), logits), -1)
+    return losses, tf.ones_like(losses)
+
+
+def question_answering_losses(out, batch, config) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per row: the mean of the start and end cross-entropies (positions past the row ignored, as HF's clamp);
+    no terms where the batch has no positions (QA's eval rows)."""
+    if "start_positions" not in batch:
+        zeros = tf.zeros(tf.shape(out.start_logits)[:1], tf.float32)
+        return zeros, zeros
+    length = tf.shape(out.start_logits)[-1]
+    losses, counts = 0.0, 0.0
+    for logits, positions in ((out.start_logits, batch["start_positions"]), (out.end_logits, batch["end_positions"])):
+        positions = tf.cast(positions, tf.int32)
+        valid = tf.cast((positions >= 0) & (positions < length), tf.float32)
+        terms = _cross_entropies(logits, tf.clip_by_value(positions, 0, length - 1))
+        losses, counts = losses + 0.5 * terms * valid, counts + 0.5 * valid
+    return losses, counts
+
+
+LOSSES = {
+    "causal_lm": causal_lm_losses,
+    "sequence_classification": classification_losses,
+    "question_answering": question_answering_losses,
+}
+OUTPUTS = {
+    "causal_lm": (),
+    "sequence_classification": ("logits",),
+    "question_answering": ("start_logits", "end_logits"),
+}
+
+
+def loss_counts(batch: Mapping[str, np.ndarray], head: str) -> np.ndarray:
+    """The number of loss terms of each micro-batch of a step's [A, B, ...] arrays (numpy, before it runs)."""
+    if head == "causal_lm":
+        return (batch["labels"][:, :, 1:] != -100).sum(axis=(1, 2))
+    if head == "question_answering":
+        length = batch["input_ids"].shape[-1]
+        inside = [(p >= 0) & (p < length) for p in (batch["start_positions"], batch["end_positions"])]
+        return 0.5 * (inside[0].sum(-1) + inside[1].sum(-1))
+    return np.full(batch["labels"].shape[0], batch["labels"].shape[1])
+
+
+# ----- the trainer
+
+
+class TFTrainer:
+    """`opt_core.training.Trainer` in Keras: the compiled model (Keras AdamW) and a compiled eval step.
+
+    Args:
+        model: a Keras OPT model with a task head (`TFOPTForCausalLM`, `TFOPTForSequenceClassification`,
+            `TFOPTForQuestionAnswering`), in float32 or the `mixed_bfloat16` policy.
+        options: the run's options.
+        jit_compile: compile the train and eval steps with XLA (the default, fastest once compiled).
+    """
+
+    optimizer_file = OPTIMIZER_NAME
+
+    def __init__(self, model: keras.Model, options: TrainOptions, jit_compile: bool = JIT_COMPILE):
+        self.model, self.options = model, options
+        dropouts = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dropout)]
+        self.dropouts = [layer for layer in dropouts if layer.rate > 0] if options.dropout else []
+        for layer in dropouts if not options.dropout else ():
+            layer.rate = 0.0  # read when the step is traced: no dropout ops at all
+        self.optimizer = build_optimizer(options, model)
+        model.compile(optimizer=self.optimizer, jit_compile=jit_compile)  # no loss: the model's own
+        self.optimizer.build(model.trainable_variables)
+        self._eval_step = _make_eval_step(model, jit_compile)
+
+    def train_step(self, batch: Mapping[str, np.ndarray], learning_rate: float, step: int) -> float:
+        counts = loss_counts(batch, self.model.head)
+        if len(set(counts.tolist())) > 1:
+            raise ConfigError(
+                f"step {step}: its micro-batches have {counts.tolist()} loss terms; Keras' gradient accumulation "
+                "averages their mean losses, which is the step's mean only when the counts are equal"
+            )
+        self.optimizer.learning_rate = learning_rate
+        self._seed_dropout(step)
+        losses = []
+        for index in range(len(counts)):
+            inputs = {k: v[index] for k, v in batch.items() if k in _INPUTS}
+            losses.append(self.model.train_on_batch(inputs, return_dict=True)["loss"])
+        return float(np.mean(losses))
+
+    def _seed_dropout(self, step: int) -> None:
+        # Each Dropout's seed state is a function of (seed, layer, step): a resumed run draws the same masks.
+        for index, layer in enumerate(self.dropouts):
+            state = layer.seed_generator.state
+            seed = (self.options.seed * 1009 + index) % 2**31
+            state.assign(np.array([seed, step % 2**31], dtype=state.dtype))
+
+    def eval_outputs(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = {k: tf.constant(v) for k, v in batch.items() if k in _INPUTS}
+        return {k: v.numpy() for k, v in self._eval_step(inputs).items()}
+
+    def optimizer_state(self) -> bytes:
+        return optimizer_bytes(self.model, self.optimizer, self.options.save_dtype)
+
+    def save(self, folder: Path, extra_files: Mapping[str, bytes]) -> None:
+        save_model(folder, self.model, self.options.save_dtype, extra_files)
+
+    def restore(self, folder: Path, optimizer_state: bytes) -> None:
+        loaded = core_pretrained.load_pretrained(folder, self.model.head, config=self.model.config)
+        self.model._assign(loaded.tensors)
+        restore_optimizer(optimizer_state, self.model, self.optimizer, self.options.save_dtype)
+
+
+def _make_eval_step(model: keras.Model, jit_compile: bool):
+    loss_terms, output_names = LOSSES[model.head], OUTPUTS[model.head]
+
+    @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+    def eval_step(batch):
+        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        losses, counts = loss_terms(out, batch, model.config)
+        outputs = {name: tf.cast(getattr(out, name), tf.float32) for name in output_names}
+        return {"loss_sum": losses, "loss_count": counts, **outputs}
+
+    return eval_step
+
+
+# ----- checkpoints (the commit is `opt_core.pretrained.save_pretrained`'s; the state is `opt_core.training`'s)
+
+
+def optimizer_variables(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> dict[str, keras.Variable]:
+    """The optimizer's variables by canonical name, as torch's AdamW names its state: `{name}.exp_avg` (Keras'
+    momentum, the same formula), `{name}.exp_avg_sq` (velocity), `{name}.accumulated_gradient` with accumulation,
+    and `iterations` (Keras counts micro-batches when accumulating)."""
+    variables = {"iterations": optimizer._iterations}
+    for name, variable in canonical_variables(model).items():
+        index = optimizer._get_variable_index(variable)
+        variables[f"{name}.exp_avg"] = optimizer._momentums[index]
+        variables[f"{name}.exp_avg_sq"] = optimizer._velocities[index]
+        if optimizer.gradient_accumulation_steps:
+            variables[f"{name}.accumulated_gradient"] = optimizer._accumulated_gradients[index]
+    return variables
+
+
+def optimizer_bytes(model: keras.Model, optimizer: keras.optimizers.Optimizer, save_dtype: str) -> bytes:
+    """The optimizer's variables as a safetensors file (numpy only to read back), and the float32 weights (Keras
+    layout) under `master.{name}` when the saved weights are rounded (so that resuming is exact)."""
+    arrays = {name: np.asarray(variable.numpy()) for name, variable in optimizer_variables(model, optimizer).items()}
+    if save_dtype != "float32":
+        arrays.update({f"master.{k}": np.asarray(v.numpy()) for k, v in canonical_variables(model).items()})
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / OPTIMIZER_NAME
+        write_safetensors(arrays, path)
+        return path.read_bytes()
+
+
+def restore_optimizer(data: bytes, model: keras.Model, optimizer: keras.optimizers.Optimizer, save_dtype: str) -> None:
+    """Assigns `optimizer_bytes`' variables (and master weights) back; every name and shape must match."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / OPTIMIZER_NAME
+        path.write_bytes(data)
+        arrays = {name: np.array(array) for name, array in read_safetensors(path).items()}
+    targets = optimizer_variables(model, optimizer)
+    if save_dtype != "float32":
+        targets.update({f"master.{k}": v for k, v in canonical_variables(model).items()})
+    missing, unexpected = sorted(set(targets) - set(arrays)), sorted(set(arrays) - set(targets))
+    wrong = sorted(k for k in set(targets) & set(arrays) if tuple(arrays[k].shape) != tuple(targets[k].shape))
+    if missing or unexpected or wrong:
+        raise ConfigError(
+            f"--resume: {OPTIMIZER_NAME} does not match this model and optimizer: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, mis-shaped {wrong[:5]}"
+        )
+    for name, variable in targets.items():
+        variable.assign(arrays[name].astype(variable.dtype))
+
+
+def save_model(folder: Path, model: keras.Model, save_dtype: str, extra_files: Mapping[str, bytes]) -> None:
+    """The model in HF's layout (config with its head, generation config, safetensors) and `extra_files`, in one
+    crash-safe commit (the model's `save_pretrained` does the same, without the extra files)."""
+    generation_config = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    core_pretrained.save_pretrained(
+        folder,
+        model.canonical_state(lazy=True),
+        model.config,
+        model.head,
+        architecture=ARCHITECTURE_OF_HEAD[model.head],
+        generation_config=generation_config,
+        fmt="safetensors",
+        dtype=save_dtype,
+        extra_files=extra_files,
+    )
