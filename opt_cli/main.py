@@ -4,7 +4,7 @@
     opt-lm info facebook/opt-125m
     opt-lm score notes.txt --framework flax
     opt-lm convert SRC DST --to flax
-    opt-lm train --train-files corpus.txt --output my-model
+    opt-lm train --framework torch --task sequence-classification --model default --train-files reviews.csv --output out
 
 Text goes to stdout, status and progress to stderr. Without --model, the embedded default model is used (a small
 OPT trained by `opt-lm train`; see MODEL_CARD.md), so everything works offline on a fresh machine.
@@ -339,25 +339,46 @@ def check_convert(args) -> None:
         raise ConfigError(f"--max-shard-size must be positive, got {args.max_shard_size!r}")
 
 
+TRAIN_FRAMEWORKS = ("torch", "tf", "flax")
+
+
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train or fine-tune a causal LM on text files (Flax + optax)")
-    p.add_argument("--train-files", nargs="+", type=Path, required=True, help="UTF-8 text files to train on")
-    p.add_argument("--eval-files", nargs="*", type=Path, default=None, help="held-out text (default: 2%% of train)")
+    from opt_core.data import TASKS
+
+    p = sub.add_parser("train", help="fine-tune (or train from scratch) for a task, in any of the three frameworks")
+    p.add_argument("--framework", choices=TRAIN_FRAMEWORKS, default="torch")
+    p.add_argument("--task", choices=TASKS, default="causal-lm")
+    p.add_argument("--train-files", nargs="+", type=Path, required=True, help=".txt, .csv, .json or .jsonl files")
+    p.add_argument("--eval-files", nargs="*", type=Path, default=None, help="held-out data (default: a split of train)")
     p.add_argument("--output", type=Path, required=True, help="folder to write (checkpoints go in it too)")
-    p.add_argument("--init-from", default=None, help="fine-tune this folder or hub id instead of a fresh model")
-    p.add_argument("--config", default=None, help="config.json or preset for a fresh model")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one on the data)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--model", default=None, help="fine-tune this folder or hub id ('default': the embedded model)")
+    start.add_argument("--init-from", default=None, help=argparse.SUPPRESS)  # the older name of --model
+    p.add_argument("--config", default=None, help="config.json or preset for a fresh causal LM (no --model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's, or train one)")
     vocab_help = "vocabulary of a freshly trained tokenizer (at least 4 special tokens + 256 bytes)"
     p.add_argument("--vocab-size", type=_integer(260), default=4096, help=vocab_help)
     p.add_argument("--steps", type=_integer(1), default=1000)
     p.add_argument("--batch-size", type=_integer(1), default=16)
-    p.add_argument("--seq-len", type=_integer(2), default=128, help="tokens per row, the leading </s> included")
+    p.add_argument("--grad-accum", type=_integer(1), default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=_integer(2), default=128, help="causal LM: tokens per row, </s> included")
+    p.add_argument("--max-length", type=_integer(2), default=256, help="classification and QA: tokens per row")
+    p.add_argument("--stride", type=_integer(0), default=64, help="QA: tokens shared by a long context's windows")
+    p.add_argument("--eval-fraction", type=_number(lambda x: 0 <= x < 1, "in [0, 1)"), default=0.02)
     p.add_argument("--learning-rate", type=POSITIVE, default=1e-3)
     p.add_argument("--warmup-steps", type=_integer(0), default=100)
+    p.add_argument("--schedule", choices=("linear", "cosine"), default="cosine")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.1)
     p.add_argument("--clip-norm", type=POSITIVE, default=1.0)
+    p.add_argument("--adam-beta1", type=_number(lambda x: 0 <= x < 1, "in [0, 1)"), default=0.9)
+    p.add_argument("--adam-beta2", type=_number(lambda x: 0 <= x < 1, "in [0, 1)"), default=0.999)
+    p.add_argument("--adam-epsilon", type=POSITIVE, default=1e-8)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: mixed precision")
+    p.add_argument("--no-dropout", dest="dropout", action="store_false", help="train without the config's dropout")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="batches in file order")
     p.add_argument("--eval-every", type=_integer(1), default=200)
     p.add_argument("--save-every", type=_integer(1), default=500)
+    p.add_argument("--log-every", type=_integer(1), default=10)
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--seed", type=_integer(0), default=0)
@@ -365,16 +386,26 @@ def add_train(sub) -> None:
 
 
 def check_train(args) -> None:
-    """The text files exist, before the output folder is made or a tokenizer trained."""
+    """The data files and the model exist, before the output folder is made or a tokenizer trained."""
     _check_files("--train-files", args.train_files)
     _check_files("--eval-files", args.eval_files)
+    if args.model == "default":
+        args.model = str(DEFAULT_MODEL)
+    _check_model(args)
+    if args.task != "causal-lm" and args.model is None and args.init_from is None:
+        raise ConfigError(f"--task {args.task} fine-tunes a model: pass --model (a folder, a hub id, or 'default')")
 
 
 def run_train(args) -> int:
-    from opt_flax.train import TrainConfig, train
+    import importlib
 
-    options = {k: v for k, v in vars(args).items() if k not in ("run", "check", "command")}
-    train(TrainConfig(**options))
+    from opt_core.training import TrainOptions
+
+    options = {k: v for k, v in vars(args).items() if k not in ("run", "check", "command", "framework", "model")}
+    options["init_from"] = args.model or args.init_from
+    train = importlib.import_module(f"opt_{args.framework}.train").train
+    status(f"training ({args.framework}, {args.task}) into {args.output}")
+    train(TrainOptions(**options))
     return 0
 
 

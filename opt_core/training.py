@@ -141,7 +141,8 @@ class TrainOptions:
             _require(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, "an integer >= 0")
         _require(self, "seq_len", _is_int(self.seq_len) and self.seq_len >= 2, "an integer >= 2")
         _require(self, "max_length", _is_int(self.max_length) and self.max_length >= 2, "an integer >= 2")
-        _require(self, "stride", _is_int(self.stride) and 0 <= self.stride < self.max_length, "in [0, max_length)")
+        if self.task == "question-answering":  # the only task that splits rows into overlapping windows
+            _require(self, "stride", _is_int(self.stride) and 0 <= self.stride < self.max_length, "in [0, max_length)")
         _require(self, "vocab_size", _is_int(self.vocab_size) and self.vocab_size >= 260, "an integer >= 260")
         _require(self, "learning_rate", _is_real(self.learning_rate) and self.learning_rate > 0, "positive")
         _require(self, "weight_decay", _is_real(self.weight_decay) and self.weight_decay >= 0, ">= 0")
@@ -409,8 +410,6 @@ def evaluate(options: TrainOptions, data: TaskData, trainer: Trainer, task_metri
     totals = {"loss_sum": loss_sum, "token_count": count} if count > 0 else {}
     metrics: dict[str, float] = {"eval_loss": loss_sum / count} if count > 0 else {}
     metrics.update({k: float(v) for k, v in task_metrics(data, {**merged, **totals}).items()})
-    if "perplexity" in metrics:
-        metrics["held_out_perplexity"] = metrics["perplexity"]  # the name `opt-lm train` logged before issue 16
     return metrics
 
 
