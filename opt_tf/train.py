@@ -74,8 +74,13 @@ __all__ = ["TFTrainer", "TrainConfig", "TrainOptions", "build_optimizer", "train
 
 
 def train(options: TrainOptions | None = None, **flags: Any) -> dict:
-    """Runs a training (`opt-lm train`): `train(TrainOptions(...))` or `train(train_files=..., output=..., ...)`
-    with the flags' names; returns the last evaluation. The log is `output/training_log.jsonl`."""
+    """Runs a training (`opt-lm train`); returns the last evaluation ({"step", "eval_loss", ...metrics}). The log
+    is `output/training_log.jsonl`.
+
+    Args:
+        options: the run's options; or else
+        **flags: `TrainOptions`' fields by name (the flags' names), e.g. `train(train_files=[...], output=...)`.
+    """
     options = options if options is not None else TrainOptions(**flags)
     check_files("train_files", options.train_files, required=True)
     check_files("eval_files", options.eval_files, required=False)
@@ -241,18 +246,19 @@ class TFTrainer:
         model: a Keras OPT model with a task head (`TFOPTForCausalLM`, `TFOPTForSequenceClassification`,
             `TFOPTForQuestionAnswering`), in float32 or the `mixed_bfloat16` policy.
         options: the run's options.
-        jit_compile: compile the train and eval steps with XLA (the default, fastest once compiled).
+        jit_compile: compile the train and eval steps with XLA; None: `JIT_COMPILE` (XLA, fastest once compiled).
     """
 
     optimizer_file = OPTIMIZER_NAME
 
-    def __init__(self, model: keras.Model, options: TrainOptions, jit_compile: bool = JIT_COMPILE):
+    def __init__(self, model: keras.Model, options: TrainOptions, jit_compile: bool | None = None):
         self.model, self.options = model, options
         dropouts = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dropout)]
         self.dropouts = [layer for layer in dropouts if layer.rate > 0] if options.dropout else []
         for layer in dropouts if not options.dropout else ():
             layer.rate = 0.0  # read when the step is traced: no dropout ops at all
         self.optimizer = build_optimizer(options, model)
+        jit_compile = JIT_COMPILE if jit_compile is None else jit_compile
         model.compile(optimizer=self.optimizer, jit_compile=jit_compile)  # no loss: the model's own
         self.optimizer.build(model.trainable_variables)
         self._eval_step = _make_eval_step(model, jit_compile)

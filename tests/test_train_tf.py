@@ -318,3 +318,51 @@ def test_accumulating_micro_batches_is_one_big_batch(hf_checkpoint, tmp_path):
         run_training(opts, lm_rows(), tf_trainer(init, opts, dropout=0.0), {})
         losses[accumulation] = train_losses(opts.output)
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
+
+
+# ----- errors, and the entry point
+
+
+def test_micro_batches_with_unequal_loss_counts_are_refused(trained):
+    from opt_core.errors import ConfigError
+
+    opts, data, trainer, _ = trained("causal-lm")
+    batch = {k: np.stack([v[:2], v[2:4]]) for k, v in data.train.items()}  # A=2 micro-batches of 2 rows
+    batch["labels"] = batch["labels"].copy()
+    batch["labels"][1, :, -3:] = -100
+    with pytest.raises(ConfigError, match=r"step 7: its micro-batches have \[30, 24\] loss terms"):
+        trainer.train_step(batch, 1e-3, 7)
+
+
+def test_optimizer_state_of_another_model_is_refused(trained):
+    from opt_core.errors import ConfigError
+
+    _, _, causal, _ = trained("causal-lm")
+    opts, _, classifier, _ = trained("sequence-classification")
+    with pytest.raises(ConfigError, match=r"optimizer.safetensors does not match .* missing \['score.weight"):
+        classifier.restore(opts.output, causal.optimizer_state())
+
+
+def test_train_from_files_in_bf16_then_resume(tmp_path, monkeypatch):
+    import opt_tf.train
+    from opt_core.config import OPTConfig
+    from opt_tf import TFOPTForSequenceClassification
+    from opt_tf.train import train
+
+    monkeypatch.setattr(opt_tf.train, "JIT_COMPILE", False)  # XLA's compile would double the test's time
+    files = write_data(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(OPTConfig(**BASE).to_json_string())
+    flags = dict(train_files=[files["sequence-classification"]], output=tmp_path / "out", config=str(config))
+    flags.update(task="sequence-classification", vocab_size=300, max_length=32, steps=3, batch_size=4)
+    flags.update(warmup_steps=1, learning_rate=1e-3, eval_fraction=0.2, log_every=1, dtype="bfloat16")
+    flags.update(save_dtype="bfloat16", save_every=2)
+    first = train(**flags)
+    assert first["step"] == 3 and 0 <= first["accuracy"] <= 1 and math.isfinite(first["eval_loss"])
+    out = tmp_path / "out"
+    assert {"tokenizer.json", "optimizer.safetensors", STATE_NAME, "config.json"} <= {p.name for p in out.iterdir()}
+    model = TFOPTForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == dict(enumerate(LABELS))
+    resumed = train(**{**flags, "steps": 5, "resume": True})
+    assert resumed["step"] == 5
+    assert [r["step"] for r in log_of(out) if r["event"] == "train"] == [1, 2, 3, 4, 5]
