@@ -127,9 +127,9 @@ def _check_position_ids(position_ids: np.ndarray) -> None:
 def check_ids_or_embeds(input_ids, inputs_embeds) -> None:
     """Exactly one of the two, as HF's forward requires; InputError naming what was passed otherwise."""
     if input_ids is not None and inputs_embeds is not None:
-        raise InputError("got both input_ids and inputs_embeds; pass exactly one of them")
+        raise InputError("got both input_ids and inputs_embeds: pass exactly one of input_ids and inputs_embeds")
     if input_ids is None and inputs_embeds is None:
-        raise InputError("got neither input_ids nor inputs_embeds; pass exactly one of them")
+        raise InputError("got neither input_ids nor inputs_embeds: pass exactly one of input_ids and inputs_embeds")
 
 
 def check_numeric(**arrays) -> None:
