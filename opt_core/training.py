@@ -54,6 +54,12 @@ ARCHITECTURE_OF_HEAD = {
     "sequence_classification": "OPTForSequenceClassification",
     "question_answering": "OPTForQuestionAnswering",
 }
+# What each head's evaluation needs from the model besides its loss (`Trainer.eval_outputs`, `opt_core.data.evaluate`).
+EVAL_OUTPUTS = {
+    "causal_lm": (),
+    "sequence_classification": ("logits",),
+    "question_answering": ("start_logits", "end_logits"),
+}
 SCHEDULES = ("linear", "cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16")  # bfloat16: mixed precision, float32 master weights and optimizer state
 SAVE_DTYPES = ("float32", "float16", "bfloat16")

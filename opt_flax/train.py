@@ -27,6 +27,7 @@ from opt_core.heads import problem_type
 from opt_core.pretrained import save_pretrained as save_folder
 from opt_core.training import (
     ARCHITECTURE_OF_HEAD,
+    EVAL_OUTPUTS,
     TrainingState,
     TrainOptions,
     build_tokenizer,
@@ -166,11 +167,6 @@ LOSSES = {
     "sequence_classification": classification_losses,
     "question_answering": question_answering_losses,
 }
-OUTPUTS = {
-    "causal_lm": (),
-    "sequence_classification": ("logits",),
-    "question_answering": ("start_logits", "end_logits"),
-}
 
 
 # ----- the trainer
@@ -223,7 +219,7 @@ def _has_dropout(config) -> bool:
 
 
 def _make_steps(model, optimizer: optax.GradientTransformation, dropout: bool):
-    loss_terms, output_names = LOSSES[model.head], OUTPUTS[model.head]
+    loss_terms, output_names = LOSSES[model.head], EVAL_OUTPUTS[model.head]
 
     def sums(params, batch, key):
         out = model(batch["input_ids"], batch.get("attention_mask"), params=params, train=dropout, dropout_rng=key)

@@ -50,6 +50,7 @@ from opt_core.heads import problem_type  # noqa: E402
 from opt_core.safetensors_file import read_safetensors, write_safetensors  # noqa: E402
 from opt_core.training import (  # noqa: E402
     ARCHITECTURE_OF_HEAD,
+    EVAL_OUTPUTS,
     TrainOptions,
     build_tokenizer,
     check_files,
@@ -223,11 +224,6 @@ LOSSES = {
     "sequence_classification": classification_losses,
     "question_answering": question_answering_losses,
 }
-OUTPUTS = {
-    "causal_lm": (),
-    "sequence_classification": ("logits",),
-    "question_answering": ("start_logits", "end_logits"),
-}
 
 
 def loss_counts(batch: Mapping[str, np.ndarray], head: str) -> np.ndarray:
@@ -307,7 +303,7 @@ class TFTrainer:
 
 
 def _make_eval_step(model: keras.Model, jit_compile: bool):
-    loss_terms, output_names = LOSSES[model.head], OUTPUTS[model.head]
+    loss_terms, output_names = LOSSES[model.head], EVAL_OUTPUTS[model.head]
 
     @tf.function(jit_compile=jit_compile, reduce_retracing=True)
     def eval_step(batch):

@@ -33,6 +33,7 @@ from opt_core.generation import GenerationConfig
 from opt_core.heads import problem_type
 from opt_core.training import (
     ARCHITECTURE_OF_HEAD,
+    EVAL_OUTPUTS,
     TrainOptions,
     build_tokenizer,
     check_files,
@@ -167,11 +168,6 @@ LOSSES = {
     "sequence_classification": classification_losses,
     "question_answering": question_answering_losses,
 }
-OUTPUTS = {
-    "causal_lm": (),
-    "sequence_classification": ("logits",),
-    "question_answering": ("start_logits", "end_logits"),
-}
 
 
 def term_counts(head: str, batch: Mapping[str, np.ndarray]) -> float:
@@ -208,7 +204,7 @@ class TorchTrainer:
         self.optimizer = build_optimizer(self.model, options)
         self.dropout = options.dropout and _has_dropout(model.config)
         self.forward = torch.compile(self.model) if compile else self.model
-        self.loss_terms, self.output_names = LOSSES[model.head], OUTPUTS[model.head]
+        self.loss_terms, self.output_names = LOSSES[model.head], EVAL_OUTPUTS[model.head]
         self.autocast_dtype = torch.bfloat16 if options.dtype == "bfloat16" else None
 
     def train_step(self, batch: Mapping[str, np.ndarray], learning_rate: float, step: int) -> float:
