@@ -236,6 +236,16 @@ class OPTDecoderLayerCollection(_OPTLinen):
         return iter(self.layers)
 
 
+def _lookup_without_pad_gradient(embed: nn.Embed, input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
+    """B T E embeddings of the ids; the pad token's lookups pass no gradient to its row, as HF's (torch's)
+    `nn.Embedding(padding_idx=pad)`: fine-tuning on padded batches moves the same weights in every framework.
+    The values are the table's rows either way."""
+    embeds = embed(input_ids)
+    if pad_token_id is None:
+        return embeds
+    return jnp.where((input_ids == pad_token_id)[..., None], lax.stop_gradient(embeds), embeds)
+
+
 class OPTDecoder(_OPTLinen):
     def setup(self):
         config = self.config
@@ -277,7 +287,7 @@ class OPTDecoder(_OPTLinen):
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         _validate(self.config, input_ids, attention_mask, position_ids, past_key_values, (batch, length))
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)  # B T E
+            inputs_embeds = _lookup_without_pad_gradient(self.embed_tokens, input_ids, self.config.pad_token_id)
         if attention_mask is None:
             key_length = past_key_values.max_length if past_key_values is not None else length
             attention_mask = jnp.ones((batch, key_length), jnp.int32)

@@ -269,3 +269,18 @@ def test_partition_specs_follow_the_table():
     params = opt_flax.FlaxOPTForCausalLM(config).params
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     assert {"/".join(k.key for k in path) for path, _ in leaves} == set(specs)
+
+
+def test_pad_lookups_pass_no_gradient_to_the_pad_row_as_in_torch(loaded):
+    """HF's embed_tokens has padding_idx=pad: fine-tuning on padded rows must not move the pad row (issue 16)."""
+    model, _ = loaded("pre_ln", "base")
+    pad = model.config.pad_token_id
+    ids = jnp.array([[pad, pad, 5, 6, 7], [8, 9, 10, pad, 11]])
+
+    def total(params):
+        return model(ids, params=params).last_hidden_state.sum()
+
+    grads = jax.tree_util.tree_leaves_with_path(jax.grad(total)(model.params))
+    table = next(leaf for path, leaf in grads if "embed_tokens" in jax.tree_util.keystr(path))
+    assert np.all(np.asarray(table[pad]) == 0)
+    assert np.any(np.asarray(table[5]) != 0)
