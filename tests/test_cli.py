@@ -81,7 +81,7 @@ def test_offline_hub_id_is_a_clear_error(tmp_path):
     assert "config.json of 'facebook/opt-125m'" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("framework", ["torch", "flax"])
+@pytest.mark.parametrize("framework", ["torch", "tf", "flax"])
 def test_short_training_run_lowers_the_loss_and_loads_everywhere(tmp_path, framework):
     corpus = tmp_path / "corpus.txt"
     sentences = ["The function returns the value.", "A module holds functions and classes.", "Return a new list."]
