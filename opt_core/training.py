@@ -353,6 +353,21 @@ def save_checkpoint(trainer: Trainer, options: TrainOptions, step: int, log_offs
 # ----- the loop
 
 
+def train_with(options: TrainOptions, build_model: Callable, make_trainer: Callable[[Any], Trainer]) -> dict:
+    """The run every framework's `train(options)` makes, given how that framework builds its model
+    (`build_model(options, tokenizer, config_updates)`) and its trainer (`make_trainer(model)`): the data files
+    checked, the output folder made (an interrupted save in it finished), the tokenizer and data built, then
+    `run_training`. Returns the last evaluation."""
+    check_files("train_files", options.train_files, required=True)
+    check_files("eval_files", options.eval_files, required=False)
+    options.output.mkdir(parents=True, exist_ok=True)
+    complete_interrupted_save(options.output)
+    tokenizer = build_tokenizer(options)
+    data = load_data(options, tokenizer)
+    model = build_model(options, tokenizer, data.config_updates)
+    return run_training(options, data, make_trainer(model), tokenizer_files(tokenizer))
+
+
 def run_training(options: TrainOptions, data: TaskData, trainer: Trainer, extra_files: Mapping[str, bytes]) -> dict:
     """Trains `trainer` on `data` (an `opt_core.data.TaskData`: `train` and `eval` dicts of row-aligned arrays)
     as `options` say; returns the last evaluation (or {"step"} when there is no eval data).

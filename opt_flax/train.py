@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from opt_core.files import complete_interrupted_save
 from opt_core.generation import GenerationConfig
 from opt_core.heads import problem_type
 from opt_core.pretrained import save_pretrained as save_folder
@@ -30,16 +29,13 @@ from opt_core.training import (
     EVAL_OUTPUTS,
     TrainingState,
     TrainOptions,
-    build_tokenizer,
-    check_files,
     check_length,
     checkpoint_files,
     decays,
     fresh_config,
-    load_data,
     read_checkpoint,
-    run_training,
     tokenizer_files,
+    train_with,
 )
 from opt_flax.modeling import FlaxOPTForCausalLM, FlaxOPTForQuestionAnswering, FlaxOPTForSequenceClassification
 from opt_flax.pretrained import params_to_canonical
@@ -64,14 +60,7 @@ def train(options: TrainOptions | None = None, **flags: Any) -> dict:
         **flags: `TrainOptions`' fields by name (the flags' names), e.g. `train(train_files=[...], output=...)`.
     """
     options = options if options is not None else TrainOptions(**flags)
-    check_files("train_files", options.train_files, required=True)
-    check_files("eval_files", options.eval_files, required=False)
-    options.output.mkdir(parents=True, exist_ok=True)
-    complete_interrupted_save(options.output)
-    tokenizer = build_tokenizer(options)
-    data = load_data(options, tokenizer)
-    model = build_model(options, tokenizer, data.config_updates)
-    return run_training(options, data, FlaxTrainer(model, options), tokenizer_files(tokenizer))
+    return train_with(options, build_model, lambda model: FlaxTrainer(model, options))
 
 
 def build_model(options: TrainOptions, tokenizer, config_updates: Mapping[str, Any]):

@@ -44,7 +44,6 @@ import tensorflow as tf  # noqa: E402
 
 from opt_core import pretrained as core_pretrained  # noqa: E402
 from opt_core.errors import ConfigError  # noqa: E402
-from opt_core.files import complete_interrupted_save  # noqa: E402
 from opt_core.generation import GenerationConfig  # noqa: E402
 from opt_core.heads import problem_type  # noqa: E402
 from opt_core.safetensors_file import read_safetensors, write_safetensors  # noqa: E402
@@ -52,14 +51,10 @@ from opt_core.training import (  # noqa: E402
     ARCHITECTURE_OF_HEAD,
     EVAL_OUTPUTS,
     TrainOptions,
-    build_tokenizer,
-    check_files,
     check_length,
     decays,
     fresh_config,
-    load_data,
-    run_training,
-    tokenizer_files,
+    train_with,
 )
 from opt_core.weights import parameter_specs  # noqa: E402
 from opt_tf.modeling import TFOPTForCausalLM, TFOPTForQuestionAnswering, TFOPTForSequenceClassification  # noqa: E402
@@ -88,14 +83,7 @@ def train(options: TrainOptions | None = None, **flags: Any) -> dict:
         **flags: `TrainOptions`' fields by name (the flags' names), e.g. `train(train_files=[...], output=...)`.
     """
     options = options if options is not None else TrainOptions(**flags)
-    check_files("train_files", options.train_files, required=True)
-    check_files("eval_files", options.eval_files, required=False)
-    options.output.mkdir(parents=True, exist_ok=True)
-    complete_interrupted_save(options.output)
-    tokenizer = build_tokenizer(options)
-    data = load_data(options, tokenizer)
-    model = build_model(options, tokenizer, data.config_updates)
-    return run_training(options, data, TFTrainer(model, options), tokenizer_files(tokenizer))
+    return train_with(options, build_model, lambda model: TFTrainer(model, options))
 
 
 def build_model(options: TrainOptions, tokenizer, config_updates: Mapping[str, Any]) -> keras.Model:

@@ -28,21 +28,16 @@ import torch.nn.functional as F
 
 from opt_core import pretrained as core
 from opt_core.errors import CheckpointError
-from opt_core.files import complete_interrupted_save
 from opt_core.generation import GenerationConfig
 from opt_core.heads import problem_type
 from opt_core.training import (
     ARCHITECTURE_OF_HEAD,
     EVAL_OUTPUTS,
     TrainOptions,
-    build_tokenizer,
-    check_files,
     check_length,
     decays,
     fresh_config,
-    load_data,
-    run_training,
-    tokenizer_files,
+    train_with,
 )
 from opt_torch.modeling import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from opt_torch.pretrained import numpy_to_torch, torch_to_numpy
@@ -70,15 +65,7 @@ def train(options: TrainOptions | None = None, *, device: str | None = None, com
         compile: `torch.compile` the model's forward.
     """
     options = options if options is not None else TrainOptions(**flags)
-    check_files("train_files", options.train_files, required=True)
-    check_files("eval_files", options.eval_files, required=False)
-    options.output.mkdir(parents=True, exist_ok=True)
-    complete_interrupted_save(options.output)
-    tokenizer = build_tokenizer(options)
-    data = load_data(options, tokenizer)
-    model = build_model(options, tokenizer, data.config_updates)
-    trainer = TorchTrainer(model, options, device=device, compile=compile)
-    return run_training(options, data, trainer, tokenizer_files(tokenizer))
+    return train_with(options, build_model, lambda model: TorchTrainer(model, options, device=device, compile=compile))
 
 
 def build_model(options: TrainOptions, tokenizer, config_updates: Mapping[str, Any]):
