@@ -60,6 +60,7 @@ TASK_TYPES = {
     "base": "FEATURE_EXTRACTION",
 }
 TASK_HEAD_MODULES = {"SEQ_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
+HEAD_OF_TASK_TYPE = {task_type: head for head, task_type in TASK_TYPES.items()}
 
 # Keys PEFT writes whose non-default values change what the adapter computes in ways this library does not
 # implement; an adapter using them is refused by name rather than run wrongly.
@@ -557,6 +558,19 @@ def read_adapter(
     raise CheckpointError(f"no adapter weights ({SAFETENSORS_NAME} or {BIN_NAME}): " + "; ".join(errors))
 
 
+def load_adapter_tensors(
+    name_or_path: str | os.PathLike, config: OPTConfig, head: str, **hub: Any
+) -> tuple[AdapterPlan, dict[str, np.ndarray]]:
+    """An adapter folder or hub id read for a model of `config` and `head`: its plan and canonical tensors.
+
+    Args:
+        hub: revision, cache_dir, local_files_only, token for a hub id.
+    """
+    lora_config, file_tensors, source = read_adapter(name_or_path, **hub)
+    plan = plan_adapter(lora_config, config, head)
+    return plan, from_file_tensors(plan, file_tensors, source)
+
+
 def write_adapter(
     folder: str | os.PathLike,
     plan: AdapterPlan,
@@ -564,9 +578,11 @@ def write_adapter(
     *,
     safe_serialization: bool = True,
     base_model_name_or_path: str | None = None,
+    extra_files: Mapping[str, bytes | str] | None = None,
 ) -> Path:
-    """Writes PEFT's adapter folder atomically: adapter_config.json and the weights, in one commit (a crash
-    leaves the previous adapter or the new one), removing the other format's stale weights file."""
+    """Writes PEFT's adapter folder atomically: adapter_config.json and the weights (and `extra_files`, e.g. a
+    trainer's state and the tokenizer) in one commit, so a crash leaves the previous adapter or the new one;
+    removes the other format's stale weights file."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"cannot save an adapter to {folder}: it is a file")
@@ -580,5 +596,51 @@ def write_adapter(
     with FolderCommit(folder) as commit:
         write(file_tensors, commit.path(weights_name))
         commit.write(CONFIG_NAME, config.to_json_string())
+        for name, data in (extra_files or {}).items():
+            commit.write(name, data)
         commit.commit(lambda: [stale] if (folder / stale).exists() else [])
     return folder
+
+
+def merge_checkpoint(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    fmt: str = "safetensors",
+    dtype: Any = None,
+    **hub: Any,
+) -> list[Path]:
+    """Writes a full checkpoint of `base` with `adapter` merged (HF's layout, any framework or HF loads it), with
+    the base's tokenizer files; the head is the adapter's task type's. Needs no framework.
+
+    Args:
+        base, adapter: folders or hub ids.
+        output: the folder to write.
+        fmt: the weight format written.
+        dtype: the saved dtype (default: the base's).
+        hub: revision, cache_dir, local_files_only, token for hub ids.
+    """
+    from opt_core.heads import ARCHITECTURE_OF_HEAD
+    from opt_core.pretrained import load_pretrained, save_pretrained
+
+    lora_config, file_tensors, source = read_adapter(adapter, **hub)
+    head = HEAD_OF_TASK_TYPE.get(lora_config.task_type or "CAUSAL_LM", "causal_lm")
+    loaded = load_pretrained(base, head, **hub)
+    plan = plan_adapter(lora_config, loaded.config, head)
+    merged = merge_into(loaded.tensors, plan, from_file_tensors(plan, file_tensors, source))
+    tokenizer = {n: (loaded.folder / n).read_bytes() for n in _TOKENIZER_FILES if (loaded.folder / n).is_file()}
+    return save_pretrained(
+        output,
+        merged,
+        loaded.config,
+        head,
+        architecture=ARCHITECTURE_OF_HEAD[head],
+        generation_config=loaded.generation_config,
+        fmt=fmt,
+        dtype=dtype if dtype is not None else loaded.stored_dtype,
+        extra_files=tokenizer,
+    )
+
+
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

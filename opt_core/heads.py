@@ -6,6 +6,14 @@ from __future__ import annotations
 
 from opt_core.config import OPTConfig
 
+# HF's PyTorch class of each head: config.json's `architectures`, which every framework (and HF) reads.
+ARCHITECTURE_OF_HEAD = {
+    "base": "OPTModel",
+    "causal_lm": "OPTForCausalLM",
+    "sequence_classification": "OPTForSequenceClassification",
+    "question_answering": "OPTForQuestionAnswering",
+}
+
 
 def pools_last_position(pad_token_id: int | None, batch_size: int, has_input_ids: bool) -> bool:
     """Whether a sequence classifier pools the last position instead of the last non-pad token of each row.

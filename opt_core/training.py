@@ -37,22 +37,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from opt_core.adapters import DEFAULT_TARGET_MODULES, LoraConfig
 from opt_core.config import OPTConfig
 from opt_core.data import TASKS, TaskData, batch_indices, load_task_data
 from opt_core.data import evaluate as task_evaluate
 from opt_core.errors import ConfigError
 from opt_core.files import complete_interrupted_save
+from opt_core.heads import ARCHITECTURE_OF_HEAD  # noqa: F401  (the trainers import it from here)
 from opt_core.tokenizer import OPTTokenizer, train_bpe_tokenizer
 
 HEAD_OF_TASK = {
     "causal-lm": "causal_lm",
     "sequence-classification": "sequence_classification",
     "question-answering": "question_answering",
-}
-ARCHITECTURE_OF_HEAD = {
-    "causal_lm": "OPTForCausalLM",
-    "sequence_classification": "OPTForSequenceClassification",
-    "question_answering": "OPTForQuestionAnswering",
 }
 # What each head's evaluation needs from the model besides its loss (`Trainer.eval_outputs`, `opt_core.data.evaluate`).
 EVAL_OUTPUTS = {
@@ -102,6 +99,10 @@ class TrainOptions:
         resume: continue from `output`'s checkpoint.
         save_dtype: dtype of the saved weights (resuming stays exact: the state keeps float32 weights then).
         vocab_size: the vocabulary of a freshly trained tokenizer.
+        lora_r: train a LoRA adapter of this rank on the frozen model instead of every weight; the output is a
+            PEFT adapter folder (adapter_config.json, adapter_model.safetensors). None trains every weight.
+        lora_alpha, lora_dropout: the adapter's scaling numerator and dropout (PEFT's defaults).
+        lora_target: the modules it wraps (PEFT's target_modules: names, or "all-linear").
     """
 
     train_files: list[Path]
@@ -136,6 +137,10 @@ class TrainOptions:
     resume: bool = False
     save_dtype: str = "float32"
     vocab_size: int = 4096
+    lora_r: int | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    lora_target: list[str] | str = dataclasses.field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
 
     def __post_init__(self) -> None:
         self.train_files = [Path(f) for f in self.train_files]
@@ -161,6 +166,25 @@ class TrainOptions:
         _require(self, "schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
         _require(self, "dtype", self.dtype in COMPUTE_DTYPES, f"one of {', '.join(COMPUTE_DTYPES)}")
         _require(self, "save_dtype", self.save_dtype in SAVE_DTYPES, f"one of {', '.join(SAVE_DTYPES)}")
+        if self.lora_r is not None:
+            if not self.init_from:
+                raise ConfigError("a LoRA run (lora_r) adapts a trained model: give init_from (--model)")
+            self.lora_config()  # checks r, alpha, dropout and the targets' form
+
+    def lora_config(self) -> LoraConfig | None:
+        """The adapter a LoRA run trains (PEFT's task type of the head; its head in modules_to_save), or None."""
+        if self.lora_r is None:
+            return None
+        target = self.lora_target
+        if isinstance(target, (list, tuple)) and len(target) == 1 and target[0].lower() == "all-linear":
+            target = target[0]
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=target if isinstance(target, str) else list(target),
+            base_model_name_or_path=str(self.init_from),
+        ).for_head(self.head)
 
     @property
     def head(self) -> str:
@@ -365,6 +389,9 @@ def train_with(options: TrainOptions, build_model: Callable, make_trainer: Calla
     tokenizer = build_tokenizer(options)
     data = load_data(options, tokenizer)
     model = build_model(options, tokenizer, data.config_updates)
+    if options.lora_r is not None:
+        # The same seed gives the same fresh adapter in every framework (opt_core.adapters.init_lora_weights).
+        model.add_adapter(options.lora_config(), seed=options.seed)
     return run_training(options, data, make_trainer(model), tokenizer_files(tokenizer))
 
 
