@@ -83,6 +83,13 @@ PROBABILITY = _number(lambda x: 0 < x <= 1, "in (0, 1]")
 UNIT_INTERVAL = _number(lambda x: 0 <= x <= 1, "in [0, 1]")
 
 
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give module names, comma-separated (e.g. q_proj,v_proj), or all-linear")
+    return names
+
+
 def _check_files(option: str, paths) -> None:
     for path in paths or ():
         if not Path(path).is_file():
@@ -99,6 +106,19 @@ def _check_model(args) -> None:
         resolve_model(args.model)
     except OPTError as error:
         raise type(error)(f"--model: {error}") from None
+
+
+def _check_adapter(adapter) -> None:
+    """--adapter: its adapter_config.json read now, so a missing or unusable adapter is named before loading."""
+    if adapter is None:
+        return
+    from opt_core.adapters import CONFIG_NAME, LoraConfig
+    from opt_core.hub import resolve_file
+
+    try:
+        LoraConfig.from_json_file(resolve_file(adapter, CONFIG_NAME))
+    except OPTError as error:
+        raise type(error)(f"--adapter: {error}") from None
 
 
 # ----- generate
@@ -118,6 +138,8 @@ def add_generate(sub) -> None:
     p.add_argument("--repetition-penalty", type=POSITIVE, default=1.0)
     p.add_argument("--no-repeat-ngram-size", type=_integer(0), default=3, help="forbid repeating n-grams (0: off)")
     p.add_argument("--seed", type=_integer(0), default=None, help="seed for sampling")
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder or hub id to apply to --model")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights before decoding")
     p.set_defaults(run=run_generate, check=check_generate)
 
 
@@ -131,8 +153,11 @@ def _load(args):
     from opt_core.tokenizer import OPTTokenizer
 
     name = args.model or DEFAULT_MODEL
-    status(f"loading {name} ({args.framework})")
-    model = load_causal_lm(args.framework, name)
+    adapter = getattr(args, "adapter", None)
+    status(f"loading {name}" + (f" with the adapter {adapter}" if adapter else "") + f" ({args.framework})")
+    model = load_causal_lm(args.framework, name, **({"adapter": adapter} if adapter else {}))
+    if adapter and args.merge:
+        model.model.merge_adapter()
     return model, OPTTokenizer.from_pretrained(name)
 
 
@@ -163,7 +188,10 @@ def check_generate(args) -> None:
         for said, flag in (("set --do-sample=False", "leave out --do-sample"), ("--do-sample=True", "--do-sample")):
             message = message.replace(said, flag)  # --do-sample is a switch
         raise ConfigError(message) from None
+    if args.merge and not args.adapter:
+        raise ConfigError("--merge merges an adapter: pass --adapter too")
     _check_model(args)
+    _check_adapter(args.adapter)
 
 
 def run_generate(args) -> int:
@@ -382,6 +410,13 @@ def add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--seed", type=_integer(0), default=0)
+    lora = p.add_argument_group("LoRA (train a PEFT adapter on the frozen --model instead of every weight)")
+    lora.add_argument("--lora-r", type=_integer(1), default=None, help="the adapter's rank; turns LoRA on")
+    lora.add_argument("--lora-alpha", type=POSITIVE, default=8, help="scaling numerator (scaling = alpha / r)")
+    lora.add_argument("--lora-dropout", type=_number(lambda x: 0 <= x < 1, "in [0, 1)"), default=0.0)
+    lora.add_argument(
+        "--lora-target", type=_names, default="q_proj,v_proj", help="modules, comma-separated, or all-linear"
+    )
     p.set_defaults(run=run_train, check=check_train)
 
 
@@ -394,6 +429,8 @@ def check_train(args) -> None:
     _check_model(args)
     if args.task != "causal-lm" and args.model is None and args.init_from is None:
         raise ConfigError(f"--task {args.task} fine-tunes a model: pass --model (a folder, a hub id, or 'default')")
+    if args.lora_r is not None and args.model is None and args.init_from is None:
+        raise ConfigError("--lora-r trains an adapter on a model: pass --model (a folder, a hub id, or 'default')")
 
 
 def run_train(args) -> int:
@@ -409,10 +446,38 @@ def run_train(args) -> int:
     return 0
 
 
+# ----- merge
+
+
+def add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="write a model with a LoRA adapter merged in (no framework needed)")
+    p.add_argument("--model", required=True, help="the base model: folder, hub id, or 'default'")
+    p.add_argument("--adapter", required=True, help="a PEFT LoRA adapter folder or hub id")
+    p.add_argument("--output", type=Path, required=True, help="the folder to write")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="default: the base's")
+    p.set_defaults(run=run_merge, check=check_merge)
+
+
+def check_merge(args) -> None:
+    if args.model == "default":
+        args.model = str(DEFAULT_MODEL)
+    _check_model(args)
+    _check_adapter(args.adapter)
+
+
+def run_merge(args) -> int:
+    from opt_core.adapters import merge_checkpoint
+
+    status(f"merging {args.adapter} into {args.model}")
+    files = merge_checkpoint(args.model, args.adapter, args.output, dtype=args.dtype)
+    status(f"wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="opt-lm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_generate, add_convert, add_info, add_score, add_train):
+    for add in (add_generate, add_convert, add_info, add_score, add_train, add_merge):
         add(sub)
     return parser
 

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from opt_core.config import OPTConfig
+from opt_core.dtypes import to_numpy_dtype
 from opt_core.errors import CheckpointError, ConfigError
 from opt_core.files import FolderCommit, complete_interrupted_save
 from opt_core.hub import resolve_file
@@ -449,16 +450,25 @@ def lora_delta(a: np.ndarray, b: np.ndarray, scaling: float) -> np.ndarray:
     return (scaling * (b.astype(np.float32) @ a.astype(np.float32))).astype(np.float32)
 
 
-def merge_into(canonical: Mapping[str, np.ndarray], plan: AdapterPlan, tensors: Mapping[str, np.ndarray]) -> dict:
-    """Canonical base weights with the adapter merged: each wrapped weight plus its delta (kept in the base
-    dtype), modules_to_save and trained biases replaced by the adapter's values. Needs no framework."""
+def merge_into(
+    canonical: Mapping[str, np.ndarray], plan: AdapterPlan, tensors: Mapping[str, np.ndarray], dtype: Any = None
+) -> dict:
+    """Canonical base weights with the adapter merged: each wrapped weight plus its delta, modules_to_save and
+    trained biases replaced by the adapter's values. Needs no framework.
+
+    Args:
+        dtype: of the changed tensors (default: the base's). The sum is taken in float32 and rounded once, so a
+            float16 base merged for a float32 output keeps the adapter's full precision.
+    """
     merged = dict(canonical)
     for slot in plan.slots.values():
         weight = canonical[slot.module + ".weight"]
         delta = lora_delta(tensors[slot.a_name], tensors[slot.b_name], slot.scaling)
-        merged[slot.module + ".weight"] = (weight.astype(np.float32) + delta).astype(weight.dtype)
+        out = to_numpy_dtype(dtype) if dtype is not None else weight.dtype
+        merged[slot.module + ".weight"] = (np.asarray(weight, np.float32) + delta).astype(out)
     for name in plan.saved:
-        merged[name] = np.asarray(tensors[name]).astype(canonical[name].dtype)
+        out = to_numpy_dtype(dtype) if dtype is not None else canonical[name].dtype
+        merged[name] = np.asarray(tensors[name]).astype(out)
     return merged
 
 
@@ -628,7 +638,7 @@ def merge_checkpoint(
     head = HEAD_OF_TASK_TYPE.get(lora_config.task_type or "CAUSAL_LM", "causal_lm")
     loaded = load_pretrained(base, head, **hub)
     plan = plan_adapter(lora_config, loaded.config, head)
-    merged = merge_into(loaded.tensors, plan, from_file_tensors(plan, file_tensors, source))
+    merged = merge_into(loaded.tensors, plan, from_file_tensors(plan, file_tensors, source), dtype)
     tokenizer = {n: (loaded.folder / n).read_bytes() for n in _TOKENIZER_FILES if (loaded.folder / n).is_file()}
     return save_pretrained(
         output,

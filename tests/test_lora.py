@@ -203,6 +203,34 @@ def test_merge_into_canonical_weights_needs_no_framework(peft_case):
         np.testing.assert_allclose(value, reference[name].numpy(), atol=1e-6, err_msg=name)
 
 
+def opt_lm(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, "-m", "opt_cli.main", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_merge_writes_a_checkpoint_hf_loads_with_peft_outputs(peft_case, tmp_path):
+    import transformers
+
+    base_folder, folder, expected, _ = peft_case("classifier")
+    result = opt_lm("merge", "--model", base_folder, "--adapter", folder, "--output", tmp_path / "merged")
+    assert result.returncode == 0, result.stderr
+    merged = transformers.OPTForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    ids, mask = sample_batch()
+    np.testing.assert_allclose(peft_logits(merged, "sequence_classification", ids, mask), expected, atol=FP32_ATOL)
+
+
+def test_cli_names_a_missing_adapter(tmp_path):
+    result = opt_lm("generate", "Hello", "--adapter", tmp_path, "--max-new-tokens", "2")
+    assert result.returncode == 2 and f"--adapter: {tmp_path} has no adapter_config.json" in result.stderr
+    result = opt_lm("generate", "Hello", "--merge")
+    assert result.returncode == 2 and "--merge merges an adapter: pass --adapter too" in result.stderr
+
+
 # ----- each framework against PEFT
 
 
