@@ -7,6 +7,9 @@ the identity; a bare `OPTModel` drops the leading `model.` (`opt_core.weights.mo
 
 Loading builds the model on the meta device (no random weights allocated), reads memory-mapped arrays from the
 checkpoint and assigns each parameter once in the target dtype, so the model is never held twice.
+
+LoRA adapters (`add_adapter`, `load_adapter`, ...) come from `opt_torch.lora.LoraMixin`; `canonical_state` and
+`save_pretrained` give the base model's weights only, never an adapter's tensors.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError
 from opt_core.weights import module_path
 from opt_torch.cache import StaticKVCache
+from opt_torch.lora import AdapterState, LoraMixin, is_adapter_name
 
 # The torch dtype of each name in `opt_core.dtypes.FLOAT_DTYPES` (float32, float16, bfloat16).
 TORCH_DTYPES = {name: getattr(torch, name) for name in dtypes.FLOAT_DTYPES}
@@ -58,8 +62,8 @@ def torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-class PreTrainedOPT(nn.Module):
-    """Shared by every PyTorch OPT class: weight init, tying, loading and saving.
+class PreTrainedOPT(LoraMixin, nn.Module):
+    """Shared by every PyTorch OPT class: weight init, tying, loading and saving, LoRA adapters.
 
     Subclasses set `head` ("base", "causal_lm", "sequence_classification" or "question_answering").
     """
@@ -69,6 +73,7 @@ class PreTrainedOPT(nn.Module):
     def __init__(self, config: OPTConfig):
         super().__init__()
         self.config = config
+        self.adapter_state = AdapterState()
 
     # ----- initialisation and tying
 
@@ -125,9 +130,10 @@ class PreTrainedOPT(nn.Module):
     # ----- canonical names
 
     def canonical_state(self) -> dict[str, np.ndarray]:
-        """{canonical name: numpy array} of every parameter (tied ones once)."""
+        """{canonical name: numpy array} of every base parameter (tied ones once; a merged adapter's deltas
+        included, an adapter's own tensors never)."""
         prefix = "model." if self.head == "base" else ""
-        return {prefix + k: torch_to_numpy(v) for k, v in self.state_dict().items()}
+        return {prefix + k: torch_to_numpy(v) for k, v in self.state_dict().items() if not is_adapter_name(k)}
 
     # ----- loading
 
@@ -140,9 +146,11 @@ class PreTrainedOPT(nn.Module):
         torch_dtype: Any = None,
         attn_implementation: str = "sdpa",
         device: str | torch.device | None = None,
+        adapter: str | os.PathLike | None = None,
+        adapter_name: str = "default",
         **kwargs: Any,
     ):
-        """Loads a model from a local folder, the HF cache, or the hub.
+        """Loads a model from a local folder, the HF cache, or the hub; with `adapter`, then a PEFT LoRA adapter.
 
         Args:
             name_or_path: a folder written by `save_pretrained` (here or by HF), or a hub id.
@@ -150,6 +158,9 @@ class PreTrainedOPT(nn.Module):
                 float16 / bfloat16. `torch_dtype` is an alias.
             attn_implementation: "sdpa" (default) or "eager".
             device: where to put the weights (default CPU).
+            adapter: a PEFT adapter folder or hub id, loaded after the base (`load_adapter`; its tensors stay
+                float32), with the hub options `token` and `local_files_only` given here.
+            adapter_name: the adapter's name.
             **kwargs: the loading options every framework shares (`opt_core.pretrained.load_pretrained`): `config`
                 (instead of the folder's config.json), `fmt` (the format to read when the folder holds several),
                 `revision`, `cache_dir`, `local_files_only`, `token` (huggingface_hub, for hub ids), and config
@@ -165,6 +176,9 @@ class PreTrainedOPT(nn.Module):
         if hasattr(model, "generate"):
             model.generation_config = loaded.generation_config
         model.set_attn_implementation(attn_implementation)
+        if adapter is not None:
+            hub = {k: kwargs[k] for k in ("token", "local_files_only") if k in kwargs}
+            model.load_adapter(adapter, adapter_name, **hub)
         return model.eval()
 
     def _assign(self, tensors: dict[str, np.ndarray], dtype: torch.dtype, device) -> None:

@@ -93,6 +93,8 @@ class TorchAdapter(Adapter):
         import ml_dtypes
         import torch
 
+        if isinstance(x, np.ndarray):  # already read (e.g. by `main_output`)
+            return x
         if x.dtype == torch.bfloat16:  # numpy has no bfloat16 of its own: ml_dtypes', as JAX and TF give
             return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return x.numpy()
