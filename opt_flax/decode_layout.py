@@ -10,6 +10,10 @@ project's 2-core CPU, opt-125m greedy decode at batch 1: 29.5 ms per token with 
 the same params are passed (JAX arrays are immutable, so their identity is the key). Memory: a transposed copy of
 the dense kernels (340 MB for opt-125m in fp32) after the first `generate`; other params rebuild it and free the
 previous copy.
+
+An active LoRA adapter in the params (`opt_flax.lora`) is merged into this view (`opt_flax.lora.merged_view`, the
+kernels `merge_adapter` would give, bit for bit), so decoding pays no branch matmuls; where the view does not pay,
+`generate` decodes with the branch in each `OPTDense`.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from opt_core.generation import decode_layout_pays
+from opt_flax.lora import merged_view, use_adapter_values
 
 
 def decode_params(params):
     """The params with every 2-D dense `kernel` replaced by `kernel_t`, its [out, in] transpose; the originals
-    are unchanged. Embedding tables are already [V, E] and are left alone."""
+    are unchanged. Embedding tables are already [V, E] and are left alone. An adapter is merged in first."""
 
     def convert(tree):
         if not isinstance(tree, dict):
@@ -36,7 +41,7 @@ def decode_params(params):
                 out[name] = convert(value)
         return out
 
-    return convert(flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params)
+    return convert(merged_view(flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params))
 
 
 class DecodeLayout:
@@ -47,10 +52,11 @@ class DecodeLayout:
         self.params = None
 
     def params_for(self, params):
-        """`decode_params(params)` where the layout pays, else `params` themselves."""
+        """`decode_params(params)` where the layout pays, else the params the modules read (an adapter's copies
+        and trained biases in place, `opt_flax.lora.use_adapter_values`)."""
         leaves = tuple(jax.tree.leaves(params))
         if not decode_layout_pays(sum(leaf.nbytes for leaf in leaves), on_cpu=jax.default_backend() == "cpu"):
-            return params
+            return use_adapter_values(params)
         if len(leaves) != len(self.leaves) or any(a is not b for a, b in zip(leaves, self.leaves)):
             self.leaves, self.params = leaves, decode_params(params)  # the leaves keep their ids valid
         return self.params

@@ -507,7 +507,7 @@ class GenerationMixin:
 
     def _decode_params(self, params):
         """The params `generate` decodes with: `opt_flax.decode_layout`'s [out, in] view where it pays, kept on the
-        model while the same arrays are passed."""
+        model while the same arrays are passed; an active LoRA adapter applied either way (merged into the view)."""
         if getattr(self, "_decode_layout", None) is None:
             self._decode_layout = DecodeLayout()
         return self._decode_layout.params_for(params)

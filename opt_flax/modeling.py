@@ -48,6 +48,7 @@ from opt_core.outputs import (
 )
 from opt_flax.cache import KVCache  # noqa: F401  (re-exported: `opt_flax.modeling.KVCache` was its home)
 from opt_flax.generation import GenerationMixin
+from opt_flax.lora import LORA_SCALING, lora_branch
 from opt_flax.pretrained import FlaxPreTrainedOPT
 
 # The shared output classes become pytrees, so a jitted `__call__` can return them.
@@ -104,10 +105,18 @@ class OPTDense(nn.Dense):
     matrix-vector products read an [out, in] matrix faster (a jitted chain of one opt-125m step's GEMVs: 20.2 ms
     instead of 23.4 ms), so `generate` decodes with that view (`opt_flax.decode_layout.decode_params`, built once
     per params).
+
+    If the params also hold an active LoRA adapter's leaves (`opt_flax.lora`: `lora_A`, `lora_B`, `lora_scaling`),
+    the layer adds PEFT's branch `scaling * B(A(dropout(x)))`; its dropout runs when the call has a "dropout" rng,
+    which the models pass only when training. Without those leaves it is `nn.Dense` exactly.
     """
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
+        if self.has_variable("params", LORA_SCALING):
+            rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+            branch = lora_branch(inputs, self.variables["params"], self.dtype, self.precision, rng)
+            return super().__call__(inputs) + branch
         if not self.has_variable("params", "kernel_t"):
             return super().__call__(inputs)
         kernel = self.get_variable("params", "kernel_t")  # out in

@@ -37,6 +37,7 @@ from opt_core.pretrained import load_pretrained, save_format
 from opt_core.pretrained import save_pretrained as save_folder
 from opt_core.weights import fresh_parameter, parameter_specs, to_style_layout
 from opt_flax.cache import KVCache
+from opt_flax.lora import LoraMixin, base_params, use_adapter_values
 from opt_flax.sharding import flat_shardings, flax_key
 
 
@@ -74,9 +75,12 @@ def params_from_canonical(
 
 
 def params_to_canonical(params: Mapping, config: OPTConfig, head: str) -> dict[str, np.ndarray]:
-    """The params pytree -> {canonical name: torch-layout numpy array}; every path and shape is checked."""
+    """The params pytree -> {canonical name: torch-layout numpy array}; every path and shape is checked.
+
+    A LoRA adapter's leaves (`opt_flax.lora`) are not the model's parameters and are left out: this is the base
+    (with the deltas of a merged adapter)."""
     expected = {flax_key(spec, head): spec for spec in parameter_specs(config, head)}
-    flat = flatten(jax.device_get(dict(params)))
+    flat = flatten(jax.device_get(base_params(params)))
     problems = [f"unexpected {key!r}" for key in flat if key not in expected]
     problems += [f"missing {key!r}" for key in expected if key not in flat]
     canonical = {}
@@ -93,8 +97,9 @@ def params_to_canonical(params: Mapping, config: OPTConfig, head: str) -> dict[s
     return canonical
 
 
-class FlaxPreTrainedOPT:
-    """Shared by every Flax OPT model: holds config, Linen module and params; init, call, load, save.
+class FlaxPreTrainedOPT(LoraMixin):
+    """Shared by every Flax OPT model: holds config, Linen module and params; init, call, load, save; LoRA
+    adapters in PEFT's files (`opt_flax.lora.LoraMixin`: add_adapter, load_adapter, set_adapter, ...).
 
     Subclasses set `head` ("base", "causal_lm", "sequence_classification" or "question_answering") and
     `module_class` (their Linen module).
@@ -159,7 +164,8 @@ class FlaxPreTrainedOPT:
             input_ids: B T token ids (or T); or pass `inputs_embeds` (B T E) instead.
             attention_mask: B T, 1 for real tokens and 0 for padding; with a cache, B S over the whole cache.
             position_ids: B T; by default OPT's `cumsum(mask) * mask - 1` (after the cache's tokens).
-            params: the params pytree; `self.params` when None.
+            params: the params pytree; `self.params` when None. An active LoRA adapter's leaves in it are applied
+                (`opt_flax.lora`), so `jax.jit(model.__call__)(..., params=model.params)` follows `set_adapter`.
             past_key_values: a `KVCache` from `init_cache` (or a previous output) for cached decoding.
             output_attentions, output_hidden_states, return_dict: as HF; keep them static under jit.
             train, dropout_rng: dropout needs both (keep `train` static under jit).
@@ -171,7 +177,7 @@ class FlaxPreTrainedOPT:
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds
         )
         out = self.module.apply(
-            {"params": self.params if params is None else params},
+            {"params": use_adapter_values(self.params if params is None else params)},
             _as_array(input_ids),
             _as_array(attention_mask),
             _as_array(position_ids),
@@ -196,6 +202,8 @@ class FlaxPreTrainedOPT:
         param_dtype: Any = None,
         mesh: jax.sharding.Mesh | None = None,
         seed: int = 0,
+        adapter: str | os.PathLike | None = None,
+        adapter_name: str = "default",
         **kwargs: Any,
     ):
         """Loads a model from a local folder, the HF cache, or the hub, in any checkpoint format.
@@ -208,6 +216,9 @@ class FlaxPreTrainedOPT:
             mesh: a `jax.sharding.Mesh` with axes ("data", "model"): each param is placed on its shards as it is
                 read (`opt_flax.sharding.partition_specs`), never whole on one device.
             seed: the seed of task-head params the checkpoint lacks (initialised freshly, with a warning).
+            adapter: a PEFT LoRA adapter (folder or hub id) to load after the base, as `load_adapter`; its hub
+                options are `token`, `local_files_only` and `cache_dir` below (`revision` is the base's).
+            adapter_name: the adapter's name.
             **kwargs: the loading options every framework shares (`opt_core.pretrained.load_pretrained`): `config`
                 (instead of the folder's config.json), `fmt` (the format to read when the folder holds several),
                 `revision`, `cache_dir`, `local_files_only`, `token` (huggingface_hub, for hub ids), and config
@@ -220,7 +231,16 @@ class FlaxPreTrainedOPT:
         model.params = params_from_canonical(loaded.tensors, config, cls.head, model.param_dtype, shardings)
         if hasattr(model, "generate"):
             model.generation_config = loaded.generation_config
+        model.name_or_path = str(name_or_path)
+        if adapter is not None:
+            hub = {k: kwargs[k] for k in ("token", "local_files_only", "cache_dir") if k in kwargs}
+            model.load_adapter(adapter, adapter_name, **hub)
         return model
+
+    def canonical_state(self, params: Mapping | None = None) -> dict[str, np.ndarray]:
+        """{canonical name: torch-layout numpy array} of the base model (`self.params` when None); a merged
+        adapter's deltas are in it, adapter leaves never are."""
+        return params_to_canonical(self.params if params is None else params, self.config, self.head)
 
     # ----- saving
 
@@ -245,7 +265,7 @@ class FlaxPreTrainedOPT:
             max_shard_size: shard above this size ("5GB" = 5 * 10**9 bytes, "5GiB" = 5 * 2**30).
             dtype: cast the weights on the way out, one tensor at a time (default: the params' dtype).
         """
-        canonical = params_to_canonical(self.params if params is None else params, self.config, self.head)
+        canonical = self.canonical_state(params)
         return save_folder(
             save_directory,
             canonical,

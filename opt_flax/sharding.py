@@ -15,7 +15,10 @@ style). The rule is stated once, per module, on the canonical torch-layout weigh
 * everything else (positions, norms, project_in/out, score, qa_outputs) is replicated.
 
 A dim is only split when the model axis divides it (whole heads for attention); otherwise it stays replicated.
-The KV cache follows the heads: B S N H is split on B over "data" and on N over "model".
+The KV cache follows the heads: B S N H is split on B over "data" and on N over "model". A LoRA adapter's leaves
+(`opt_flax.lora`) follow the kernel they adapt (`opt_flax.lora.adapter_partition_spec`): lora_A [in, r] is split like
+its input dim, lora_B [r, out] like its output dim, copies and trained biases like what they replace, the scalars
+replicated; `shard_params` places them so, and so do `add_adapter` / `load_adapter` on a model already on a mesh.
 
 On a TPU pod (or several GPUs) a user writes::
 
@@ -43,11 +46,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opt_core.config import OPTConfig
 from opt_core.flax_msgpack import unflatten
 from opt_core.weights import DENSE_BIAS, DENSE_WEIGHT, LEAF_RULES, ParamSpec, module_path, parameter_specs, style_name
+from opt_flax.lora import adapter_partition_spec, base_key, is_adapter_key
 
 DATA, MODEL = "data", "model"
 
@@ -124,11 +129,21 @@ def shard_params(params: dict, mesh: Mesh, config: OPTConfig, head: str = "causa
     """`params` placed on `mesh` by the partition rules (a copy; the input is left as it is).
 
     Args:
-        params: the model's params pytree (`model.params`).
+        params: the model's params pytree (`model.params`), with or without a LoRA adapter's leaves.
         mesh: a mesh with axes ("data", "model"), e.g. from `make_mesh`.
         config, head: the model's config and head (`model.config`, `model.head`).
     """
-    return jax.device_put(params, unflatten(flat_shardings(config, head, mesh)))
+    specs = flat_partition_specs(config, head, mesh.shape[MODEL])
+    shardings = {}
+    for key in flatten_dict(params, sep="/"):
+        if is_adapter_key(key):
+            spec = adapter_partition_spec(key, specs.get(base_key(key) or ""))
+        elif key in specs:
+            spec = specs[key]
+        else:
+            raise ValueError(f"{key!r} is not a parameter of this {head} model, nor an adapter's")
+        shardings[key] = NamedSharding(mesh, spec)
+    return jax.device_put(params, unflatten(shardings))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
