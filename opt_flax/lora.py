@@ -26,10 +26,11 @@ adapters are disabled, wait on the model (outside the pytree), so a disabled mod
 and it computes the base exactly. Merged, the active adapter's deltas are added to the base kernels and its copies
 and biases written over the base's (the originals kept for `unmerge_adapter`); its branch leaves leave the pytree.
 
-The base's own parameters never change while an adapter is active: `canonical_state` / `save_pretrained` write the
-base (merged deltas included when merged), never adapter leaves. A trained bias is the adapter's own value (as a
-modules_to_save copy is), not written over the base bias until a merge: so disabling adapters gives the base model
-bit for bit, where PEFT's disabled model would keep the trained biases.
+`canonical_state` / `save_pretrained` write the base model (merged deltas included when merged), never adapter
+leaves (`base_params`). As in PEFT, where bias="all" / "lora_only" trains the base layers' biases, the active
+adapter's trained biases are the base's biases there; but each adapter keeps its own values (as it keeps its
+modules_to_save copies), so switching, disabling or deleting adapters gives the base model back bit for bit (PEFT's
+disabled model would keep the last trained biases).
 
 Training: `optax.masked` / `optax.multi_transform` with `trainable_mask(params)` (what `opt_flax.train` does)
 updates only the LoRA tensors, the copies and the trained biases.
@@ -111,7 +112,8 @@ def trainable_mask(params: Mapping) -> Any:
 
 
 def base_params(params: Mapping) -> dict:
-    """The params without adapter leaves: the base model's own parameters (what is saved as the model)."""
+    """The base model's parameters as PEFT's model holds them (what is saved as the model): adapter leaves
+    dropped, except that a trained bias stands in for its layer's bias."""
     if not isinstance(params, Mapping):
         return params
     out = {}
@@ -121,6 +123,8 @@ def base_params(params: Mapping) -> dict:
         value = base_params(value)
         if not isinstance(value, Mapping) or value:
             out[name] = value
+    if TRAINED_BIAS in params:
+        out["bias"] = params[TRAINED_BIAS]
     return out
 
 
@@ -321,9 +325,12 @@ class LoraMixin:
         self._check_new_name(adapter_name)
         config = config if isinstance(config, LoraConfig) else LoraConfig.from_dict(config)
         plan = plan_adapter(config, self.config, self.head)
-        canonical = self.canonical_state()
-        tensors = {**init_lora_weights(plan, seed), **{name: canonical[name] for name in plan.saved}}
-        self._register(adapter_name, plan, tensors, trainable=True)
+        self._unmerge_before("adding an adapter")
+        flat = flatten_dict(self.params, sep="/")  # the base's own values sit at the base keys
+        saved = {}
+        for name, (_, base, kind) in self._saved(plan).items():
+            saved[name] = to_style_layout(np.asarray(jax.device_get(flat[base])), kind, "flax")
+        self._register(adapter_name, plan, {**init_lora_weights(plan, seed), **saved}, trainable=True)
 
     def load_adapter(
         self,
@@ -358,11 +365,16 @@ class LoraMixin:
     ) -> None:
         """Writes the adapter (default the active one) as PEFT does: adapter_config.json and
         adapter_model.safetensors (`safe_serialization=False`: adapter_model.bin), loadable by PEFT."""
-        name = adapter_name if adapter_name is not None else self._require_active("save an adapter")
-        adapter = self._adapter(name)
-        tensors = to_canonical(adapter.plan, self._current_leaves(name), self.config)
-        base = None if adapter.plan.config.base_model_name_or_path else getattr(self, "name_or_path", None)
-        write_adapter(path, adapter.plan, tensors, safe_serialization=safe_serialization, base_model_name_or_path=base)
+        plan, tensors = self.adapter_arrays(adapter_name)
+        base = None if plan.config.base_model_name_or_path else getattr(self, "name_or_path", None)
+        write_adapter(path, plan, tensors, safe_serialization=safe_serialization, base_model_name_or_path=base)
+
+    def adapter_arrays(self, adapter_name: str | None = None) -> tuple[AdapterPlan, dict[str, np.ndarray]]:
+        """(plan, {canonical name: torch-layout numpy array}) of an adapter (default the active one): its LoRA
+        pairs, modules_to_save copies and trained biases, as `opt_core.adapters.write_adapter` takes them."""
+        name = adapter_name if adapter_name is not None else self._require_active("read an adapter")
+        plan = self._adapter(name).plan
+        return plan, to_canonical(plan, self._current_leaves(name), self.config)
 
     # ----- which adapter is used
 
@@ -380,9 +392,7 @@ class LoraMixin:
         """Makes `adapter_name` the active adapter (ValueError naming it if the model has none of that name)."""
         self._adapter(adapter_name)
         state = self._lora
-        if state.merged:
-            warnings.warn("set_adapter unmerges the merged adapter first", stacklevel=2)
-            self.unmerge_adapter()
+        self._unmerge_before("set_adapter")
         self._detach()
         state.active = adapter_name
         self._attach()
@@ -498,15 +508,21 @@ class LoraMixin:
             raise ValueError("the model has no params yet (made with _do_init=False): load or set them first")
         if self._lora is None:
             self._lora = _LoraState()
-        elif self._lora.merged:
-            warnings.warn("adding an adapter unmerges the merged adapter first", stacklevel=3)
-            self.unmerge_adapter()
+        self._unmerge_before("adding an adapter")
         flat = flatten_dict(self.params, sep="/")
         leaves = {k: _place(k, v, flat) for k, v in to_leaves(plan, tensors, self.config, flat).items()}
         self._detach()
         self._lora.adapters[name] = _Adapter(plan, leaves, trainable)
         self._lora.active, self._lora.enabled = name, True
         self._attach()
+
+    def _unmerge_before(self, action: str) -> None:
+        if self._lora is not None and self._lora.merged:
+            warnings.warn(f"{action} unmerges the merged adapter first", stacklevel=3)
+            self.unmerge_adapter()
+
+    def _saved(self, plan: AdapterPlan) -> dict[str, tuple[str, str, str]]:
+        return _saved_keys(plan, self.config, self.head)
 
     def _attached(self) -> str | None:
         """The adapter whose leaves are in the params now (active, enabled, unmerged), or None."""

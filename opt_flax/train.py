@@ -6,6 +6,13 @@ rate injected per step by `inject_hyperparams`, no decay where `opt_core.trainin
 by global norm, a jit'd step that accumulates the summed loss and gradients over the step's micro-batches
 (`lax.scan`), and a jit'd eval. bf16 mixed precision computes in bfloat16 over float32 params and optimizer state.
 
+LoRA (a model with an active adapter, `opt_flax.lora`): the adapter's leaves are in the params pytree, and
+`opt_flax.lora.trainable_mask` marks what trains (the LoRA tensors, modules_to_save copies, trained biases). The
+optimizer is `optax.multi_transform` over that mask: clipping and AdamW see the trained leaves only (their global
+norm is theirs, as torch's over requires_grad parameters), the frozen ones get zero updates and no optimizer state,
+and the step stops their gradients so XLA computes none. A checkpoint is then PEFT's adapter folder (beside the
+trainer's files), and resuming rebuilds the base from `init_from` and reads the adapter back.
+
 Siblings: `opt_torch/train.py`, `opt_tf/train.py`. Entry point: `train(options)` or `train(**options)`.
 """
 
@@ -20,7 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 
+from opt_core.adapters import load_adapter_tensors, write_adapter
+from opt_core.errors import ConfigError
 from opt_core.generation import GenerationConfig
 from opt_core.heads import problem_type
 from opt_core.pretrained import save_pretrained as save_folder
@@ -37,6 +47,7 @@ from opt_core.training import (
     tokenizer_files,
     train_with,
 )
+from opt_flax.lora import COPY, to_leaves
 from opt_flax.modeling import FlaxOPTForCausalLM, FlaxOPTForQuestionAnswering, FlaxOPTForSequenceClassification
 from opt_flax.pretrained import params_to_canonical
 
@@ -68,7 +79,8 @@ def build_model(options: TrainOptions, tokenizer, config_updates: Mapping[str, A
     cls = MODEL_OF_HEAD[options.head]
     dtype = jnp.bfloat16 if options.dtype == "bfloat16" else jnp.float32
     if options.resume or options.init_from:
-        source = options.output if options.resume else options.init_from
+        # A LoRA checkpoint holds the adapter only: the base is init_from's again, the adapter restored on top.
+        source = options.output if options.resume and options.lora_r is None else options.init_from
         model = cls.from_pretrained(source, dtype=dtype, param_dtype=jnp.float32, seed=options.seed, **config_updates)
     else:
         model = cls(fresh_config(options, tokenizer, config_updates), dtype=dtype, seed=options.seed)
@@ -76,11 +88,18 @@ def build_model(options: TrainOptions, tokenizer, config_updates: Mapping[str, A
     return model
 
 
-def build_optimizer(options: TrainOptions) -> optax.GradientTransformation:
-    """Clipping by global norm, then AdamW; `opt_state.hyperparams["learning_rate"]` is set before each update."""
+def build_optimizer(options: TrainOptions, mask: Any = None) -> optax.GradientTransformation:
+    """Clipping by global norm, then AdamW; `opt_state.hyperparams["learning_rate"]` is set before each update.
+
+    Args:
+        options: the run's options.
+        mask: a params pytree of bools (`opt_flax.lora.trainable_mask`): only the True leaves are clipped and
+            updated, the others get zero updates and no state. None: every leaf trains.
+    """
+    labels = None if mask is None else jax.tree.map(lambda trained: "train" if trained else "freeze", mask)
 
     def make(learning_rate):
-        return optax.chain(
+        update = optax.chain(
             optax.clip_by_global_norm(options.clip_norm) if options.clip_norm else optax.identity(),
             optax.adamw(
                 learning_rate,
@@ -91,18 +110,22 @@ def build_optimizer(options: TrainOptions) -> optax.GradientTransformation:
                 mask=decay_mask,
             ),
         )
+        if labels is None:
+            return update
+        return optax.multi_transform({"train": update, "freeze": optax.set_to_zero()}, labels)
 
     return optax.inject_hyperparams(make)(learning_rate=0.0)
 
 
 def decay_mask(params: Mapping) -> Any:
     """True where AdamW decays: `decays` of each leaf's canonical name (Flax's `kernel`, `embedding` and `scale`
-    are torch's `weight`)."""
-    leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+    are torch's `weight`). An adapter's LoRA kernels decay (`...q_proj.lora_A.weight`, as HF Trainer decays them),
+    a modules_to_save copy as what it copies, a trained bias not; its scaling and dropout leaves are frozen."""
+    leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias", "trained_bias": "bias"}
 
     def rule(path, _) -> bool:
-        keys = [str(getattr(entry, "key", entry)) for entry in path]
-        return decays(".".join([*keys[:-1], leaf[keys[-1]]]))
+        keys = [str(getattr(entry, "key", entry)) for entry in path if getattr(entry, "key", entry) != COPY]
+        return keys[-1] in leaf and decays(".".join([*keys[:-1], leaf[keys[-1]]]))
 
     return jax.tree_util.tree_map_with_path(rule, params)
 
@@ -173,12 +196,13 @@ class FlaxTrainer:
 
     def __init__(self, model, options: TrainOptions):
         self.model, self.options = model, options
-        self.optimizer = build_optimizer(options)
         self.params = model.params
+        self.mask = _trained_mask(model)
+        self.optimizer = build_optimizer(options, self.mask)
         self.opt_state = self.optimizer.init(self.params)
         self.key = jax.random.PRNGKey(options.seed)
-        self.dropout = options.dropout and _has_dropout(model.config)
-        self._train_step, self._eval_step = _make_steps(model, self.optimizer, self.dropout)
+        self.dropout = options.dropout and _has_dropout(model)
+        self._train_step, self._eval_step = _make_steps(model, self.optimizer, self.dropout, self.mask)
 
     def train_step(self, batch: Mapping[str, np.ndarray], learning_rate: float, step: int) -> float:
         inputs = {k: jnp.asarray(v) for k, v in batch.items() if k in _INPUTS}
@@ -186,6 +210,7 @@ class FlaxTrainer:
         self.params, self.opt_state, loss = self._train_step(
             self.params, self.opt_state, inputs, jnp.float32(learning_rate), key
         )
+        self.model.params = self.params  # the model follows (e.g. `save_adapter` after training)
         return float(loss)
 
     def eval_outputs(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -196,21 +221,53 @@ class FlaxTrainer:
         return optimizer_bytes(self.opt_state, self.params, self.options.save_dtype)
 
     def save(self, folder: Path, extra_files: Mapping[str, bytes]) -> None:
-        save_model(folder, self.model, self.params, self.options.save_dtype, extra_files)
+        if self.model.active_adapter is None:
+            save_model(folder, self.model, self.params, self.options.save_dtype, extra_files)
+            return
+        self.model.params = self.params
+        plan, tensors = self.model.adapter_arrays()
+        write_adapter(folder, plan, tensors, extra_files=extra_files)
 
     def restore(self, folder: Path, optimizer_state: bytes) -> None:
-        params = MODEL_OF_HEAD[self.model.head].from_pretrained(folder, param_dtype=jnp.float32).params
+        if self.model.active_adapter is None:
+            params = MODEL_OF_HEAD[self.model.head].from_pretrained(folder, param_dtype=jnp.float32).params
+        else:
+            params = _with_adapter_checkpoint(self.params, folder, self.model)
         self.params, self.opt_state = restore_optimizer(optimizer_state, params, self.opt_state, self.options)
+        self.model.params = self.params
 
 
-def _has_dropout(config) -> bool:
-    return any(getattr(config, name, 0.0) > 0 for name in ("dropout", "attention_dropout", "activation_dropout"))
+def _trained_mask(model) -> Any:
+    """The optimizer's mask: None (everything trains) without an adapter, else the model's trainable_mask."""
+    if model.active_adapter is None:
+        return None
+    mask = model.trainable_mask()
+    if not any(jax.tree.leaves(mask)):
+        raise ConfigError("nothing to train: every parameter is frozen (an adapter loaded with is_trainable=False?)")
+    return mask
 
 
-def _make_steps(model, optimizer: optax.GradientTransformation, dropout: bool):
+def _with_adapter_checkpoint(params, folder: Path, model) -> dict:
+    """`params` with the active adapter's leaves read back from the adapter folder a LoRA run saved."""
+    plan, tensors = load_adapter_tensors(folder, model.config, model.head)
+    flat = flatten_dict(params, sep="/")
+    flat.update({key: jnp.asarray(value) for key, value in to_leaves(plan, tensors, model.config, flat).items()})
+    return unflatten_dict(flat, sep="/")
+
+
+def _has_dropout(model) -> bool:
+    """Whether training draws dropout: the config's, or the active adapter's lora_dropout."""
+    names = ("dropout", "attention_dropout", "activation_dropout")
+    lora = model.peft_config.get(model.active_adapter) if model.active_adapter is not None else None
+    return any(getattr(model.config, name, 0.0) > 0 for name in names) or bool(lora and lora.lora_dropout > 0)
+
+
+def _make_steps(model, optimizer: optax.GradientTransformation, dropout: bool, mask: Any = None):
     loss_terms, output_names = LOSSES[model.head], EVAL_OUTPUTS[model.head]
 
     def sums(params, batch, key):
+        if mask is not None:  # frozen leaves: no gradient computed (their updates are zero anyway)
+            params = jax.tree.map(lambda p, trained: p if trained else jax.lax.stop_gradient(p), params, mask)
         out = model(batch["input_ids"], batch.get("attention_mask"), params=params, train=dropout, dropout_rng=key)
         losses, counts = loss_terms(out, batch, model.config)
         return losses.sum(), counts.sum().astype(jnp.float32)
