@@ -328,3 +328,222 @@ def test_new_adapter_trains_only_itself_and_loads_in_peft(framework, hf_checkpoi
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path).eval()
     ids, _ = sample_batch()
     assert_close_on_real_tokens(actual, peft_logits(reloaded, "causal_lm", ids, mask), mask)
+
+
+# ----- flax: the adapter in the params pytree (one jit follows it), generate's merged decode view, bfloat16, the
+# optax mask and trainer, a device mesh
+
+
+def flax_logits(model, head):
+    """The head's main output through one `jax.jit(model.__call__)` per model, as JAX users call it."""
+    from frameworks import FlaxAdapter
+
+    framework = FlaxAdapter()
+    ids, mask = sample_batch()
+    step = framework.decode_step(model)  # jax.jit(model.__call__) made once, called with params=model.params
+    return main_output(step(ids, attention_mask=mask), head)
+
+
+def test_flax_one_jitted_call_follows_the_adapters_in_the_params(peft_case):
+    """The active adapter lives in `model.params`: a function jitted once applies whichever adapter the params it
+    is given hold, so switching, disabling and deleting adapters are never baked into a trace; the other adapters'
+    tensors (and their own trained biases) wait outside the params, and the base comes back bit for bit."""
+    import jax
+
+    from opt_flax import FlaxOPTForSequenceClassification
+    from opt_flax.lora import is_adapter_key, trainable_mask
+
+    head = "sequence_classification"
+    base_folder, folder, expected, _ = peft_case("classifier")
+    model = FlaxOPTForSequenceClassification.from_pretrained(base_folder)
+    base_logits, base_state = flax_logits(model, head), model.canonical_state()
+    model.load_adapter(folder, adapter_name="peft")
+    np.testing.assert_allclose(flax_logits(model, head), expected, atol=FP32_ATOL)
+    model.add_adapter(LoraConfig(r=2, target_modules=["k_proj"], bias="all", init_lora_weights=False), "new")
+    assert model.active_adapter == "new" and list(model.peft_config) == ["peft", "new"]
+    as_if_trained = lambda p, trained: p + 0.01 if trained else p  # noqa: E731
+    model.params = jax.tree.map(as_if_trained, model.params, trainable_mask(model.params))
+    new_logits = flax_logits(model, head)
+    state = model.canonical_state()  # the trained biases stand in for the base's, as in PEFT; nothing else does
+    assert all(np.array_equal(v, base_state[n]) != n.endswith(".bias") for n, v in state.items())
+    model.set_adapter("peft")
+    np.testing.assert_allclose(flax_logits(model, head), expected, atol=FP32_ATOL)
+    model.disable_adapters()
+    assert np.array_equal(flax_logits(model, head), base_logits)
+    assert not any(map(is_adapter_key, flatten_dict(model.params, sep="/")))
+    model.enable_adapters()
+    model.set_adapter("new")
+    assert np.array_equal(flax_logits(model, head), new_logits)
+    model.delete_adapter("new")
+    assert model.active_adapter == "peft"
+    np.testing.assert_allclose(flax_logits(model, head), expected, atol=FP32_ATOL)
+    model.delete_adapter("peft")
+    assert model.active_adapter is None and model.peft_config == {}
+    assert all(np.array_equal(value, base_state[name]) for name, value in model.canonical_state().items())
+    assert np.array_equal(flax_logits(model, head), base_logits)
+    assert not any(map(is_adapter_key, flatten_dict(model.params, sep="/")))
+
+
+def flatten_dict(tree, sep):
+    from flax.traverse_util import flatten_dict
+
+    return flatten_dict(tree, sep=sep)
+
+
+@pytest.mark.parametrize("decode_layout", [True, False], ids=["merged_decode_view", "lora_branch"])
+def test_flax_greedy_generate_applies_the_adapter_merged_or_not(peft_case, monkeypatch, decode_layout):
+    """generate's compiled loop applies the active adapter: PEFT's ids unmerged, whether the decode layout pays
+    (the adapter merged into that [out, in] view) or not (the LoRA branch in each layer); the same ids after
+    merge_adapter; the base's once disabled."""
+    import torch
+
+    import opt_flax.decode_layout
+    from opt_flax import FlaxOPTForCausalLM
+
+    monkeypatch.setattr(opt_flax.decode_layout, "decode_layout_pays", lambda *args, **kwargs: decode_layout)
+    base_folder, folder, _, peft_model = peft_case("all_linear")
+    model = FlaxOPTForCausalLM.from_pretrained(base_folder)
+    ids, mask = sample_batch(seed=3, length=6)
+    greedy = lambda: model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)  # noqa: E731
+    base_ids = greedy()
+    model.load_adapter(folder)
+    with torch.no_grad():
+        expected = peft_model.generate(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=8, do_sample=False
+        ).numpy()
+    unmerged = greedy()
+    np.testing.assert_array_equal(unmerged, expected)
+    assert not np.array_equal(unmerged, base_ids)
+    model.merge_adapter()
+    np.testing.assert_array_equal(greedy(), unmerged)
+    model.disable_adapters()  # unmerges first
+    np.testing.assert_array_equal(greedy(), base_ids)
+
+
+def test_flax_bf16_base_keeps_float32_lora_tensors_and_merges_in_bf16(peft_case, tmp_path):
+    import jax
+    import ml_dtypes
+
+    from opt_flax import FlaxOPTForCausalLM
+
+    base_folder, folder, expected, _ = peft_case("q_v")
+    model = FlaxOPTForCausalLM.from_pretrained(base_folder, dtype="bfloat16", param_dtype="bfloat16", adapter=folder)
+    q_proj = model.params["model"]["decoder"]["layers"]["0"]["self_attn"]["q_proj"]
+    assert q_proj["lora_A"]["kernel"].dtype == q_proj["lora_B"]["kernel"].dtype == np.float32
+    assert q_proj["kernel"].dtype == ml_dtypes.bfloat16
+    state = model.canonical_state()
+    assert {v.dtype for v in state.values()} == {np.dtype(ml_dtypes.bfloat16)} and not any("lora" in n for n in state)
+    actual = flax_logits(model, "causal_lm")
+    assert actual.dtype == ml_dtypes.bfloat16
+    assert_close_on_real_tokens(actual.astype(np.float32), expected, sample_batch()[1], atol=5e-2)
+    model.merge_and_unload()
+    assert {leaf.dtype for leaf in jax.tree.leaves(model.params)} == {np.dtype(ml_dtypes.bfloat16)}
+    model.save_pretrained(tmp_path)
+    merged = FlaxOPTForCausalLM.from_pretrained(tmp_path, dtype="bfloat16")
+    assert np.array_equal(flax_logits(merged, "causal_lm"), flax_logits(model, "causal_lm"))
+
+
+def test_flax_trainer_updates_only_the_adapter_and_saves_it_as_peft_does(hf_checkpoint, tmp_path):
+    """FlaxTrainer's optax update is masked by `trainable_mask`: the LoRA pairs, the score copy and the trained
+    biases move, every other leaf stays bit for bit and has no optimizer state; a checkpoint is PEFT's adapter
+    folder, which PEFT and a resumed trainer read."""
+    import jax
+    import peft
+    from frameworks import FlaxAdapter
+
+    from opt_core.adapters import read_adapter
+    from opt_core.training import TrainOptions
+    from opt_flax.train import FlaxTrainer
+
+    head = "sequence_classification"
+    base_folder, hf_model = hf_checkpoint("pre_ln", head)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"], bias="lora_only")
+
+    def trainer():
+        model = FlaxAdapter().load(base_folder, head)
+        model.add_adapter(config, seed=1)
+        options = TrainOptions([tmp_path / "unused.txt"], tmp_path / "out", learning_rate=1e-2, dropout=False)
+        return FlaxTrainer(model, options)
+
+    first = trainer()
+    model, before, trained = first.model, first.params, jax.tree.leaves(first.mask)
+    assert sum(trained) == 4 * 2 + 1 + 2 * 2  # q_proj, fc1 x (A, B) x 2 layers, the score copy, their biases
+    ids, mask = sample_batch()
+    batch = {"input_ids": ids[None], "attention_mask": mask[None], "labels": np.array([[0, 1, 2]])}
+    for step in range(2):
+        first.train_step(batch, 1e-2, step)
+    for old, new, moves in zip(jax.tree.leaves(before), jax.tree.leaves(first.params), trained):
+        assert np.array_equal(old, new) != moves
+    trained_size = sum(leaf.size for leaf, t in zip(jax.tree.leaves(before), trained) if t)
+    assert sum(np.size(leaf) for leaf in jax.tree.leaves(first.opt_state)) < 2 * trained_size + 10  # Adam: mu, nu
+
+    first.save(tmp_path / "ckpt", {"extra.txt": b"kept"})
+    assert (tmp_path / "ckpt" / "extra.txt").read_bytes() == b"kept"
+    plan, arrays = model.adapter_arrays()
+    _, tensors, _ = read_adapter(tmp_path / "ckpt")
+    assert all(np.array_equal(tensors[plan.file_name(n)], v) for n, v in arrays.items())
+    ours, mask = run(FlaxAdapter(), model, head)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "ckpt").eval()
+    np.testing.assert_allclose(peft_logits(reloaded, head, ids, mask), ours, atol=FP32_ATOL)
+
+    second = trainer()
+    second.restore(tmp_path / "ckpt", first.optimizer_state())
+    np.testing.assert_array_equal(run(FlaxAdapter(), second.model, head)[0], ours)
+
+
+FLAX_MESH_SCRIPT = """
+import jax, numpy as np
+from jax.sharding import PartitionSpec as P
+from flax.traverse_util import flatten_dict
+
+jax.config.update("jax_default_matmul_precision", "highest")
+from opt_core.adapters import LoraConfig
+from opt_flax import FlaxOPTForCausalLM, OPTConfig
+from opt_flax.sharding import make_mesh, shard_params
+
+mesh = make_mesh(model=4)  # 2 data x 4 model
+config = OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                   max_position_embeddings=40)
+lora = LoraConfig(r=4, target_modules=["q_proj", "out_proj", "fc1", "fc2"], bias="lora_only", init_lora_weights=False)
+ids = np.random.default_rng(0).integers(3, 128, size=(4, 8)).astype(np.int32)
+model = FlaxOPTForCausalLM(config)
+model.add_adapter(lora)
+forward = jax.jit(model.__call__)
+single = np.asarray(forward(ids, params=model.params).logits)
+expected = {  # lora_A [in, r] split like the kernel's input dim, lora_B [r, out] like its output dim
+    "self_attn/q_proj/lora_A/kernel": P(), "self_attn/q_proj/lora_B/kernel": P(None, "model"),
+    "self_attn/out_proj/lora_A/kernel": P("model", None), "self_attn/out_proj/lora_B/kernel": P(),
+    "fc1/trained_bias": P("model"), "fc2/trained_bias": P(), "fc2/lora_scaling": P(),
+}
+sharded = shard_params(model.params, mesh, config)
+folder = __import__("tempfile").mkdtemp()
+model.save_pretrained(folder)
+loaded = FlaxOPTForCausalLM.from_pretrained(folder, mesh=mesh)
+loaded.add_adapter(lora)  # placed on the mesh as it is made
+for params in (sharded, loaded.params):
+    flat = flatten_dict(params, sep="/")
+    for key, spec in expected.items():
+        assert flat["model/decoder/layers/0/" + key].sharding.spec == spec, key
+    worst = float(np.abs(np.asarray(forward(ids, params=params).logits) - single).max())
+    assert worst < 1e-5, worst
+print("adapter sharded")
+"""
+
+
+def test_flax_adapter_leaves_are_sharded_like_their_kernels():
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(repo),
+    }
+    command = [sys.executable, "-c", textwrap.dedent(FLAX_MESH_SCRIPT)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "adapter sharded" in result.stdout, result.stdout + result.stderr
