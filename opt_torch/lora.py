@@ -80,7 +80,8 @@ class LoraLinear(nn.Linear):
 
     def remove(self, name: str) -> None:
         for part in (self.lora_A, self.lora_B, self.lora_dropout):
-            part.pop(name, None)
+            if name in part:
+                del part[name]
         self.scaling.pop(name, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -438,7 +439,8 @@ class LoraMixin:
                 if not module.lora_A:
                     self._replace(path, module.to_linear())
             elif isinstance(module, WithCopies):
-                module.modules_to_save.pop(name, None)
+                if name in module.modules_to_save:
+                    del module.modules_to_save[name]
                 if not module.modules_to_save:
                     remove_copies(module)
 

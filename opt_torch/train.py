@@ -7,6 +7,11 @@ terms), clipping by global norm (`clip_grad_norm_`), then `torch.optim.AdamW` wi
 `opt_core.training.decays` says so) and the step's rate set on both. bf16 mixed precision is `torch.autocast` over
 float32 weights and optimizer state; `torch.compile` of the forward is optional.
 
+LoRA (a model with an active adapter, `opt_torch.lora`): the optimizer holds only the parameters with requires_grad,
+which `add_adapter` leaves to the adapter's LoRA tensors, modules_to_save copies and trained biases, keyed by their
+canonical adapter names (`opt_core.adapters`); a checkpoint is then PEFT's adapter folder (float32, beside the
+trainer's files) and resuming rebuilds the base from `init_from` and reads the adapter back.
+
 The optimizer state is a safetensors file keyed by canonical names (`exp_avg/<name>`, `exp_avg_sq/<name>`,
 `step/<name>`, and `master/<name>` float32 weights when the saved weights are rounded): no pickle, so a checkpoint
 is read back without `torch.load`.
@@ -27,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from opt_core import pretrained as core
-from opt_core.errors import CheckpointError
+from opt_core.adapters import from_file_tensors, read_adapter, write_adapter
+from opt_core.errors import CheckpointError, ConfigError
 from opt_core.generation import GenerationConfig
 from opt_core.heads import problem_type
 from opt_core.training import (
@@ -39,6 +45,7 @@ from opt_core.training import (
     fresh_config,
     train_with,
 )
+from opt_torch.lora import is_adapter_name
 from opt_torch.modeling import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from opt_torch.pretrained import numpy_to_torch, torch_to_numpy
 
@@ -52,7 +59,15 @@ MODEL_OF_HEAD = {
 _INPUTS = ("input_ids", "attention_mask", "labels", "start_positions", "end_positions")
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
-__all__ = ["TorchTrainer", "TrainConfig", "TrainOptions", "build_model", "build_optimizer", "train"]
+__all__ = [
+    "TorchTrainer",
+    "TrainConfig",
+    "TrainOptions",
+    "build_model",
+    "build_optimizer",
+    "train",
+    "trained_parameters",
+]
 
 
 def train(options: TrainOptions | None = None, *, device: str | None = None, compile: bool = False, **flags) -> dict:
@@ -73,7 +88,10 @@ def build_model(options: TrainOptions, tokenizer, config_updates: Mapping[str, A
     the checkpoint lacks is drawn by `opt_core.pretrained` from `options.seed`, the same numbers as Flax's."""
     cls = MODEL_OF_HEAD[options.head]
     if options.resume or options.init_from:
-        model = load_model(cls, options.output if options.resume else options.init_from, options.seed, **config_updates)
+        # A LoRA checkpoint holds the adapter only: the base is init_from's again, the adapter restored on top.
+        from_output = options.resume and options.lora_r is None
+        source = options.output if from_output else options.init_from
+        model = load_model(cls, source, options.seed, **config_updates)
     else:
         torch.manual_seed(options.seed)
         model = cls(fresh_config(options, tokenizer, config_updates))
@@ -93,15 +111,30 @@ def load_model(cls, source, seed: int, **config_updates):
 
 
 def canonical_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """{canonical name: parameter}, a tied head once (under `embed_tokens`, as HF Trainer sees it)."""
+    """{canonical name: parameter} of the base model, a tied head once (under `embed_tokens`, as HF Trainer sees
+    it); an adapter's tensors are not among them."""
     prefix = "model." if model.head == "base" else ""  # `opt_core.weights.module_path`, inverted
-    return {prefix + name: param for name, param in model.named_parameters()}
+    return {prefix + name: param for name, param in model.named_parameters() if not is_adapter_name(name)}
+
+
+def trained_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """{name: parameter} of what training updates: the parameters with requires_grad, the base's under canonical
+    names and the active adapter's under its canonical adapter names (`{module}.lora_A.weight`, its
+    modules_to_save copies under the names of the parameters they stand for)."""
+    params = canonical_parameters(model)
+    if model.active_adapter is not None:
+        params.update(model.adapter_parameters())
+    trained = {name: param for name, param in params.items() if param.requires_grad}
+    if not trained:
+        raise ConfigError("nothing to train: every parameter is frozen (an adapter loaded with is_trainable=False?)")
+    return trained
 
 
 def build_optimizer(model, options: TrainOptions) -> torch.optim.AdamW:
-    """AdamW with HF Trainer's two groups: decay on the parameters `decays` names, none on biases and norms.
-    The rate is set on both groups before each update."""
-    params = canonical_parameters(model)
+    """AdamW over the trained parameters (`trained_parameters`: requires_grad only) with HF Trainer's two groups:
+    decay on the parameters `decays` names, none on biases and norms. The rate is set on both groups before each
+    update."""
+    params = trained_parameters(model)
     groups = [
         {"params": [p for n, p in params.items() if decays(n)], "weight_decay": options.weight_decay},
         {"params": [p for n, p in params.items() if not decays(n)], "weight_decay": 0.0},
@@ -187,9 +220,9 @@ class TorchTrainer:
     def __init__(self, model, options: TrainOptions, device: str | torch.device | None = None, compile: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.options = model.to(device=self.device, dtype=torch.float32), options
-        self.params = canonical_parameters(self.model)
+        self.params = trained_parameters(self.model)
         self.optimizer = build_optimizer(self.model, options)
-        self.dropout = options.dropout and _has_dropout(model.config)
+        self.dropout = options.dropout and _has_dropout(model)
         self.forward = torch.compile(self.model) if compile else self.model
         self.loss_terms, self.output_names = LOSSES[model.head], EVAL_OUTPUTS[model.head]
         self.autocast_dtype = torch.bfloat16 if options.dtype == "bfloat16" else None
@@ -229,11 +262,17 @@ class TorchTrainer:
         return optimizer_bytes(self.optimizer, self.params, self.options.save_dtype)
 
     def save(self, folder: Path, extra_files: Mapping[str, bytes]) -> None:
-        save_model(folder, self.model, self.options.save_dtype, extra_files)
+        if self.model.active_adapter is not None:
+            plan, tensors = self.model.adapter_arrays()
+            write_adapter(folder, plan, tensors, extra_files=extra_files)
+        else:
+            save_model(folder, self.model, self.options.save_dtype, extra_files)
 
     def restore(self, folder: Path, optimizer_state: bytes) -> None:
-        loaded = core.load_pretrained(folder, self.model.head)
-        copy_weights(self.params, loaded.tensors)
+        if self.model.active_adapter is not None:
+            copy_weights(self.model.adapter_parameters(), adapter_checkpoint(folder, self.model))
+        else:
+            copy_weights(self.params, core.load_pretrained(folder, self.model.head).tensors)
         restore_optimizer(self.optimizer, self.params, optimizer_state, self.options.save_dtype)
 
     def _tensors(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -264,8 +303,11 @@ class TorchTrainer:
             yield
 
 
-def _has_dropout(config) -> bool:
-    return any(getattr(config, name, 0.0) > 0 for name in ("dropout", "attention_dropout", "activation_dropout"))
+def _has_dropout(model) -> bool:
+    """Whether training draws dropout: the config's, or the active adapter's lora_dropout."""
+    names = ("dropout", "attention_dropout", "activation_dropout")
+    lora = model.peft_config.get(model.active_adapter) if model.active_adapter is not None else None
+    return any(getattr(model.config, name, 0.0) > 0 for name in names) or bool(lora and lora.lora_dropout > 0)
 
 
 # ----- checkpoints (the commit is `opt_core.pretrained.save_pretrained`'s; the state is `opt_core.training`'s)
@@ -315,6 +357,13 @@ def copy_weights(params: Mapping[str, torch.nn.Parameter], tensors: Mapping[str,
             value = tensors[name]
             value = value if isinstance(value, torch.Tensor) else numpy_to_torch(np.asarray(value), torch.float32)
             param.copy_(value.to(dtype=param.dtype, device=param.device))
+
+
+def adapter_checkpoint(folder: Path, model) -> dict[str, np.ndarray]:
+    """The canonical tensors of the adapter saved in `folder`, checked against the model's active adapter."""
+    _, file_tensors, source = read_adapter(folder)
+    plan = model.adapter_state.plans[model.active_adapter]
+    return from_file_tensors(plan, file_tensors, source)
 
 
 def save_model(folder: Path, model, save_dtype: str, extra_files: Mapping[str, bytes]) -> None:
