@@ -12,11 +12,13 @@ holds, per `OPTDense` layer, its kernel transposed to [out, in] (torch's layout)
 column ([out, in + 1]).
 
 `generate` keeps one `DecodeLayout` per model, refreshes it from the layers' weights before every call (one transposed
-copy, so never stale after training or loading) and calls the model with `decode_layout=<it>` inside its compiled
-programs. `decode_layout` is a Keras call-context argument (as `training` is): Keras hands it to every `OPTDense` the
-call reaches, without the layers in between passing it on. Any other call leaves it None, and the layers read
-`kernel` and `bias` as usual. Memory: a second copy of every dense kernel (340 MB for opt-125m in fp32), kept while
-the model lives.
+copy, so never stale after training, loading or a change of adapter) and calls the model with `decode_layout=<it>`
+inside its compiled programs. With an active LoRA adapter (`opt_tf.lora`) the copy holds the weights the layer
+computes with: its kernel plus the unmerged scaling * A @ B, or its modules_to_save copy; a layer reading the copy
+adds no LoRA branch. `decode_layout` is a Keras call-context argument (as `training` is): Keras hands it to every
+`OPTDense` the call reaches, without the layers in between passing it on. Any other call leaves it None, and the
+layers read `kernel` and `bias` as usual. Memory: a second copy of every dense kernel (340 MB for opt-125m in fp32),
+kept while the model lives.
 """
 
 from __future__ import annotations
@@ -30,19 +32,26 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from opt_core.generation import decode_layout_pays  # noqa: E402
+from opt_tf import lora  # noqa: E402
 
 
 class OPTDense(keras.layers.Dense):
-    """`keras.layers.Dense` that reads its [out, in] kernel from a `DecodeLayout` when a call passes one."""
+    """`keras.layers.Dense` that reads its [out, in] kernel from a `DecodeLayout` when a call passes one, and
+    applies its active LoRA adapter (`opt_tf.lora`) otherwise."""
+
+    applies_adapters = True  # opt_tf.lora: this layer's call applies its adapters itself
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._register_call_context_args("decode_layout")
 
-    def call(self, inputs, decode_layout: DecodeLayout | None = None):
+    def call(self, inputs, decode_layout: DecodeLayout | None = None, training=None):
         kernel = decode_layout.kernel(self) if decode_layout is not None else None
         if kernel is None:
-            return super().call(inputs)
+            weights = lora.active_weights(self)
+            if weights is None:
+                return super().call(inputs)
+            return lora.adapted_dense_call(self, weights, super().call, inputs, training)
         kernel = tf.cast(kernel, inputs.dtype)  # out in(+1)
         batch_shape = tf.shape(inputs)[:-1]
         flat = tf.reshape(inputs, (-1, inputs.shape[-1]))  # N in
@@ -77,11 +86,13 @@ class DecodeLayout:
         return decode_layout_pays(nbytes, on_cpu)
 
     def refresh(self, layers: list[OPTDense]) -> None:
-        """(Re)writes every layer's [out, in] kernel from its current weights (eagerly, before any program runs)."""
+        """(Re)writes every layer's [out, in] kernel from the weights it computes with now (eagerly, before any
+        program runs): its own, or with its active adapter's (`opt_tf.lora.effective_kernel_and_bias`)."""
         for layer in layers:
-            kernel = tf.transpose(layer.kernel)  # out in
+            kernel, bias = lora.effective_kernel_and_bias(layer)
+            kernel = tf.transpose(kernel)  # out in
             if layer.use_bias:
-                kernel = tf.concat([kernel, tf.cast(layer.bias, kernel.dtype)[:, None]], axis=1)  # out in+1
+                kernel = tf.concat([kernel, tf.cast(bias, kernel.dtype)[:, None]], axis=1)  # out in+1
             if layer in self.kernels:
                 self.kernels[layer].assign(kernel)
             else:

@@ -16,7 +16,9 @@ n-gram size, beams, lengths) are Python values, and the model keeps one `tf.func
 numeric values (temperature, penalties, eos ids, min length) are tensors, so changing them reuses the compiled
 program. `TRACES` counts the traces (a retrace means a recompile; tests use it). On CPU the programs read the dense
 kernels in the [out, in] layout XLA's matrix-vector products prefer (`opt_tf.decode_layout`), refreshed before every
-call.
+call. An active LoRA adapter (`opt_tf.lora`) applies in every program: the layout holds the adapted weights, and
+without a layout the layers add the LoRA branch; a program is compiled per adapter state, never reused after
+`set_adapter`, `merge_adapter`, `disable_adapters` and the like.
 
 Host loops: `tf.py_function` / `tf.numpy_function` cannot run inside an XLA program, so the two features that need
 Python between tokens, a streamer and stop strings (which need the tokenizer), run as a host loop of compiled steps
@@ -39,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from opt_core.generation import DecodeOptions, GenerationCall, GenerationConfig, prepare_generation
+from opt_tf import lora
 from opt_tf.decode_layout import DecodeLayout, dense_layers
 
 TRACES: collections.Counter = collections.Counter()  # function name -> times traced (a retrace means a recompile)
@@ -589,8 +592,10 @@ class _Compiled:
         self.layout.refresh(layers)
 
     def program(self, model, name: str, statics: DecodeOptions, body):
-        """The compiled `body(model, options, *args)`; `args` end with the traced options' values."""
-        key = (name, statics)
+        """The compiled `body(model, options, *args)`; `args` end with the traced options' values. A trace holds
+        the LoRA adapter state it saw (which adapter, enabled, merged: `opt_tf.lora.trace_key`), so each state
+        gets its own program."""
+        key = (name, statics, lora.trace_key(model))
         if key not in self.programs:
             self.programs[key] = tf.function(_Program(model, name, statics, body, self.layout), jit_compile=True)
         return self.programs[key]

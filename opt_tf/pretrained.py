@@ -7,6 +7,9 @@ to its layer (`module_path`: a bare `TFOPTModel` drops the leading `model.`, as 
 leaf rule (`LEAF_RULES["keras"]`: kernel, bias, embeddings, gamma, beta) names the variable; kernels are [in, out],
 the transpose of the canonical layout. Keras' own layer and variable names never matter for loading.
 
+LoRA adapters in PEFT's format (`add_adapter`, `load_adapter`, `save_adapter`, ...) come from `opt_tf.lora.LoraMixin`;
+their variables sit beside the base ones and never enter `canonical_state` or a weights file.
+
 Loading builds the model with a zero initializer (a random draw would be overwritten at once) and assigns every
 variable once from the memory-mapped checkpoint arrays, in float32 by default whatever the file stores.
 """
@@ -30,6 +33,7 @@ from opt_core.dtypes import resolve_dtype  # noqa: E402
 from opt_core.lazy import LazyTensor  # noqa: E402
 from opt_core.weights import LEAF_RULES, kind_of, module_path, parameter_specs, to_style_layout  # noqa: E402
 from opt_tf.cache import KVCache  # noqa: E402
+from opt_tf.lora import LoraMixin  # noqa: E402
 
 # Keras dtype policies a model may compute in; "mixed_*" keep float32 variables.
 POLICIES = ("float32", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
@@ -40,8 +44,8 @@ def hf_initializer(config: OPTConfig) -> keras.initializers.Initializer:
     return keras.initializers.RandomNormal(stddev=config.init_std)
 
 
-class PreTrainedOPT(keras.Model):
-    """Shared by every Keras OPT class: building, loading, saving, Keras config and `fit`'s loss.
+class PreTrainedOPT(LoraMixin, keras.Model):
+    """Shared by every Keras OPT class: building, loading, saving, Keras config, `fit`'s loss and LoRA adapters.
 
     Subclasses set `head` ("base", "causal_lm", "sequence_classification" or "question_answering") and
     `hf_loss(outputs, labels)`, and build their layers with `self.initializer`.
@@ -117,12 +121,16 @@ class PreTrainedOPT(keras.Model):
 
     # ----- canonical names
 
-    def keras_variable(self, canonical: str, kind: str) -> keras.Variable:
-        """The variable of a canonical parameter: its module path as attributes, then the Keras leaf name."""
+    def keras_layer(self, module: str) -> keras.layers.Layer:
+        """The layer of a canonical module (`model.decoder.layers.0.fc1`): its module path as attributes."""
         layer = self
-        for part in module_path(canonical, self.head).split(".")[:-1]:
+        for part in module_path(module, self.head).split("."):
             layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
-        return getattr(layer, LEAF_RULES["keras"].leaves[kind])
+        return layer
+
+    def keras_variable(self, canonical: str, kind: str) -> keras.Variable:
+        """The variable of a canonical parameter: its module's layer, then the Keras leaf name."""
+        return getattr(self.keras_layer(canonical.rsplit(".", 1)[0]), LEAF_RULES["keras"].leaves[kind])
 
     def canonical_state(self, lazy: bool = False) -> dict[str, np.ndarray | LazyTensor]:
         """{canonical name: numpy array in torch layout} of every parameter (a tied head once).
@@ -147,6 +155,8 @@ class PreTrainedOPT(keras.Model):
         name_or_path: str | os.PathLike,
         *,
         dtype: Any = None,
+        adapter: str | os.PathLike | None = None,
+        adapter_name: str = "default",
         **kwargs: Any,
     ):
         """Loads a model from a local folder, the HF cache, or the hub, from any format opt_core reads.
@@ -155,6 +165,9 @@ class PreTrainedOPT(keras.Model):
             name_or_path: a folder written by `save_pretrained` (in any framework, or by HF), or a hub id.
             dtype: float32 by default, whatever the checkpoint stores; "auto" keeps the stored dtype; "float16",
                 "bfloat16", or a mixed policy ("mixed_bfloat16": float32 variables, bfloat16 compute).
+            adapter: a PEFT LoRA adapter (folder or hub id) to load after the base (`load_adapter`), with the
+                base's `token` and `local_files_only`.
+            adapter_name: its name.
             **kwargs: the loading options every framework shares (`opt_core.pretrained.load_pretrained`): `config`
                 (instead of the folder's config.json), `fmt` (the format to read when the folder holds several),
                 `revision`, `cache_dir`, `local_files_only`, `token` (huggingface_hub, for hub ids), and config
@@ -168,6 +181,9 @@ class PreTrainedOPT(keras.Model):
         model._assign(loaded.tensors)
         if hasattr(model, "generate"):
             model.generation_config = loaded.generation_config
+        if adapter is not None:
+            hub = {k: kwargs[k] for k in ("token", "local_files_only") if k in kwargs}
+            model.load_adapter(adapter, adapter_name, **hub)
         return model
 
     def _assign(self, tensors: Mapping[str, np.ndarray]) -> None:
