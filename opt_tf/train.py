@@ -25,6 +25,13 @@ Keras' accumulation averages the micro-batches' mean losses; the protocol's mean
 the same when every micro-batch has as many terms, which `opt_core.data`'s rows always do (full causal-LM blocks,
 one label per classification row, QA positions always inside the window); `train_step` checks it.
 
+LoRA (a model with an active adapter, `opt_tf.lora`): `add_adapter` freezes the base variables, so
+`model.trainable_variables`, which the compiled step differentiates and the optimizer is built over, are the
+adapter's LoRA tensors, modules_to_save copies and trained biases, keyed in the optimizer state by their canonical
+adapter names (`opt_core.adapters`); a checkpoint is then PEFT's adapter folder (beside the trainer's files) and
+resuming rebuilds the base from `init_from` and reads the adapter back. An adapter's lora_dropout is a Keras
+`Dropout` like the model's, seeded per step the same way.
+
 Siblings: `opt_torch/train.py`, `opt_flax/train.py`. Entry point: `train(options)` or `train(**options)`.
 """
 
@@ -43,6 +50,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from opt_core import pretrained as core_pretrained  # noqa: E402
+from opt_core.adapters import from_file_tensors, read_adapter, write_adapter  # noqa: E402
 from opt_core.errors import ConfigError  # noqa: E402
 from opt_core.generation import GenerationConfig  # noqa: E402
 from opt_core.heads import problem_type  # noqa: E402
@@ -92,7 +100,8 @@ def build_model(options: TrainOptions, tokenizer, config_updates: Mapping[str, A
     policy = "mixed_bfloat16" if options.dtype == "bfloat16" else "float32"
     keras.utils.set_random_seed(options.seed)  # a fresh model's init, or a fresh task head's
     if options.resume or options.init_from:
-        source = options.output if options.resume else options.init_from
+        # A LoRA checkpoint holds the adapter only: the base is init_from's again, the adapter restored on top.
+        source = options.output if options.resume and options.lora_r is None else options.init_from
         model = cls.from_pretrained(source, dtype=policy, **config_updates)
     else:
         model = cls(fresh_config(options, tokenizer, config_updates), dtype=policy)
@@ -151,7 +160,7 @@ def build_optimizer(options: TrainOptions, model: keras.Model) -> keras.optimize
         global_clipnorm=options.clip_norm,
         gradient_accumulation_steps=options.grad_accum if options.grad_accum > 1 else None,
     )
-    kept = [variable for name, variable in canonical_variables(model).items() if not decays(name)]
+    kept = [variable for name, variable in trained_variables(model).items() if not decays(name)]
     optimizer.exclude_from_weight_decay(var_list=kept)
     return optimizer
 
@@ -160,6 +169,19 @@ def canonical_variables(model: keras.Model) -> dict[str, keras.Variable]:
     """{canonical name: the model's variable} over the parameter table (a tied head once)."""
     specs = parameter_specs(model.config, model.head)
     return {spec.name: model.keras_variable(spec.name, spec.kind) for spec in specs}
+
+
+def trained_variables(model: keras.Model) -> dict[str, keras.Variable]:
+    """{name: variable} of what training updates (`model.trainable_variables`): the trainable base parameters
+    under canonical names and the active adapter's under its canonical adapter names (`{module}.lora_A.weight`,
+    its modules_to_save copies under the names of the parameters they stand for)."""
+    variables = canonical_variables(model)
+    if model.active_adapter is not None:
+        variables.update(model.adapter_variables())
+    trained = {name: variable for name, variable in variables.items() if variable.trainable}
+    if not trained:
+        raise ConfigError("nothing to train: every parameter is frozen (an adapter loaded with is_trainable=False?)")
+    return trained
 
 
 # ----- per-row losses for evaluation: (sum of the loss terms, their count), as opt_flax.train's
@@ -282,11 +304,19 @@ class TFTrainer:
         return optimizer_bytes(self.model, self.optimizer, self.options.save_dtype)
 
     def save(self, folder: Path, extra_files: Mapping[str, bytes]) -> None:
-        save_model(folder, self.model, self.options.save_dtype, extra_files)
+        if self.model.active_adapter is not None:  # a LoRA run: PEFT's adapter folder (the base is init_from's)
+            plan, tensors = self.model.adapter_arrays()
+            write_adapter(folder, plan, tensors, extra_files=extra_files)
+        else:
+            save_model(folder, self.model, self.options.save_dtype, extra_files)
 
     def restore(self, folder: Path, optimizer_state: bytes) -> None:
-        loaded = core_pretrained.load_pretrained(folder, self.model.head, config=self.model.config)
-        self.model._assign(loaded.tensors)
+        if self.model.active_adapter is not None:
+            _, file_tensors, source = read_adapter(folder)
+            self.model.assign_adapter_arrays(from_file_tensors(self.model.adapter_plan(), file_tensors, source))
+        else:
+            loaded = core_pretrained.load_pretrained(folder, self.model.head, config=self.model.config)
+            self.model._assign(loaded.tensors)
         restore_optimizer(optimizer_state, self.model, self.optimizer, self.options.save_dtype)
 
 
@@ -307,11 +337,12 @@ def _make_eval_step(model: keras.Model, jit_compile: bool):
 
 
 def optimizer_variables(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> dict[str, keras.Variable]:
-    """The optimizer's variables by canonical name, as torch's AdamW names its state: `{name}.exp_avg` (Keras'
-    momentum, the same formula), `{name}.exp_avg_sq` (velocity), `{name}.accumulated_gradient` with accumulation,
-    and `iterations` (Keras counts micro-batches when accumulating)."""
+    """The optimizer's variables by the name of what they train (`trained_variables`), as torch's AdamW names its
+    state: `{name}.exp_avg` (Keras' momentum, the same formula), `{name}.exp_avg_sq` (velocity),
+    `{name}.accumulated_gradient` with accumulation, and `iterations` (Keras counts micro-batches when
+    accumulating)."""
     variables = {"iterations": optimizer._iterations}
-    for name, variable in canonical_variables(model).items():
+    for name, variable in trained_variables(model).items():
         index = optimizer._get_variable_index(variable)
         variables[f"{name}.exp_avg"] = optimizer._momentums[index]
         variables[f"{name}.exp_avg_sq"] = optimizer._velocities[index]
@@ -321,11 +352,11 @@ def optimizer_variables(model: keras.Model, optimizer: keras.optimizers.Optimize
 
 
 def optimizer_bytes(model: keras.Model, optimizer: keras.optimizers.Optimizer, save_dtype: str) -> bytes:
-    """The optimizer's variables as a safetensors file (numpy only to read back), and the float32 weights (Keras
-    layout) under `master.{name}` when the saved weights are rounded (so that resuming is exact)."""
+    """The optimizer's variables as a safetensors file (numpy only to read back), and the float32 weights it trains
+    (Keras layout) under `master.{name}` when the saved weights are rounded (so that resuming is exact)."""
     arrays = {name: np.asarray(variable.numpy()) for name, variable in optimizer_variables(model, optimizer).items()}
     if save_dtype != "float32":
-        arrays.update({f"master.{k}": np.asarray(v.numpy()) for k, v in canonical_variables(model).items()})
+        arrays.update({f"master.{k}": np.asarray(v.numpy()) for k, v in trained_variables(model).items()})
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / OPTIMIZER_NAME
         write_safetensors(arrays, path)
@@ -340,7 +371,7 @@ def restore_optimizer(data: bytes, model: keras.Model, optimizer: keras.optimize
         arrays = {name: np.array(array) for name, array in read_safetensors(path).items()}
     targets = optimizer_variables(model, optimizer)
     if save_dtype != "float32":
-        targets.update({f"master.{k}": v for k, v in canonical_variables(model).items()})
+        targets.update({f"master.{k}": v for k, v in trained_variables(model).items()})
     missing, unexpected = sorted(set(targets) - set(arrays)), sorted(set(arrays) - set(targets))
     wrong = sorted(k for k in set(targets) & set(arrays) if tuple(arrays[k].shape) != tuple(targets[k].shape))
     if missing or unexpected or wrong:
