@@ -701,3 +701,216 @@ def test_torch_trainer_updates_only_the_adapter_and_saves_it_as_peft_does(hf_che
     second = trainer()
     second.restore(tmp_path / "ckpt", first.optimizer_state())
     np.testing.assert_array_equal(run(TorchAdapter(), second.model.eval(), head)[0], ours)
+
+
+# ----- tf: adapters as Keras variables (trainable_weights, fit), generate's decode layout and compiled programs,
+# norms and embeddings in modules_to_save, bfloat16, the trainer
+
+
+def tf_greedy(model):
+    ids, mask = sample_batch(seed=3, length=6)
+    return model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+
+
+def peft_greedy(peft_model):
+    import torch
+
+    ids, mask = sample_batch(seed=3, length=6)
+    with torch.no_grad():
+        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        return peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False).numpy()
+
+
+@pytest.mark.parametrize("decode_layout", [True, False], ids=["adapted_decode_layout", "lora_branch"])
+def test_tf_greedy_generate_applies_the_adapter_merged_or_not(peft_case, monkeypatch, decode_layout):
+    """generate's XLA programs apply the active adapter: PEFT's ids unmerged, whether they read the [out, in]
+    decode layout (rebuilt from the adapted kernels before every call) or the layers add the LoRA branch; the same
+    ids after merge_adapter; and no program or layout outlives the adapter state it was made for (another adapter,
+    disabled, deleted and loaded again under the same name)."""
+    from opt_tf import TFOPTForCausalLM
+    from opt_tf.decode_layout import DecodeLayout
+
+    monkeypatch.setattr(DecodeLayout, "pays", staticmethod(lambda layers: decode_layout))
+    base_folder, folder, _, peft_model = peft_case("all_linear")
+    _, other_folder, _, other_peft = peft_case("q_v")
+    model = TFOPTForCausalLM.from_pretrained(base_folder)
+    base_ids = tf_greedy(model)
+    model.load_adapter(folder)
+    unmerged = tf_greedy(model)
+    np.testing.assert_array_equal(unmerged, peft_greedy(peft_model))
+    assert not np.array_equal(unmerged, base_ids)
+    model.merge_adapter()
+    np.testing.assert_array_equal(tf_greedy(model), unmerged)
+    model.load_adapter(other_folder, adapter_name="other")  # unmerges the first one
+    other = tf_greedy(model)
+    np.testing.assert_array_equal(other, peft_greedy(other_peft))
+    assert not np.array_equal(other, unmerged)
+    model.disable_adapters()
+    np.testing.assert_array_equal(tf_greedy(model), base_ids)
+    model.enable_adapters()
+    model.set_adapter("default")
+    np.testing.assert_array_equal(tf_greedy(model), unmerged)
+    model.delete_adapter("default")
+    np.testing.assert_array_equal(tf_greedy(model), other)
+    model.load_adapter(folder)  # a new "default": new variables, so a new program
+    np.testing.assert_array_equal(tf_greedy(model), unmerged)
+
+
+def test_tf_trainable_weights_are_the_adapter_and_fit_trains_only_them(hf_checkpoint, tmp_path):
+    """keras-hub's idiom: add_adapter freezes the base variables, so `model.trainable_weights` are exactly the
+    adapter's tensors (LoRA pairs, the score copy, the biases bias="lora_only" trains) and compile + fit trains
+    only them; lora_dropout acts in training only; canonical_state and save_pretrained (tf_model.h5) keep the
+    base's names."""
+    import h5py
+    import keras
+
+    from opt_core.weights import parameter_specs
+    from opt_tf import TFOPTForSequenceClassification
+
+    head = "sequence_classification"
+    base_folder, _ = hf_checkpoint("pre_ln", head)
+    model = TFOPTForSequenceClassification.from_pretrained(base_folder)
+    lora = LoraConfig(
+        r=4, target_modules=["q_proj", "fc1"], bias="lora_only", lora_dropout=0.2, init_lora_weights=False
+    )
+    model.add_adapter(lora)
+    adapter, plan = model.adapter_variables(), model.adapter_plan()
+    assert set(adapter) == set(plan.shapes()) | set(plan.saved) and "score.weight" in adapter
+    assert {id(v) for v in model.trainable_weights} == {id(v) for v in adapter.values()}
+    sizes = [int(np.prod(v.shape)) for v in adapter.values()]
+    assert tuple(model.trainable_parameters()) == (sum(sizes), sum(int(np.prod(v.shape)) for v in model.weights))
+    assert {v.dtype for n, v in adapter.items() if ".lora_" in n} == {"float32"}
+
+    ids, mask = sample_batch()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    np.testing.assert_array_equal(model(inputs).logits, model(inputs).logits)
+    assert not np.allclose(model(inputs, training=True).logits, model(inputs).logits)
+
+    base = model.canonical_state()
+    before = {name: variable.numpy().copy() for name, variable in adapter.items()}
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit({**inputs, "labels": np.array([0, 1, 2])}, batch_size=3, epochs=2, verbose=0)
+    assert all(not np.array_equal(variable.numpy(), before[name]) for name, variable in adapter.items())
+    after = model.canonical_state()
+    assert list(after) == [spec.name for spec in parameter_specs(model.config, head)]
+    changed = {name for name, value in after.items() if not np.array_equal(value, base[name])}
+    assert changed == set(plan.trained_biases)
+
+    model.save_pretrained(tmp_path)  # tf_model.h5
+    with h5py.File(tmp_path / "tf_model.h5") as file:
+        names = []
+        file.visit(names.append)
+    assert names and not any("lora" in name or "default" in name for name in names)
+    reloaded = TFOPTForSequenceClassification.from_pretrained(tmp_path)
+    assert all(np.array_equal(value, after[name]) for name, value in reloaded.canonical_state().items())
+
+
+def test_tf_norms_and_embeddings_in_modules_to_save_act_as_in_peft(hf_checkpoint, tmp_path):
+    """modules_to_save layers that are Keras' own (layer norms, the position table) read the active adapter's
+    copies in their call, in the model and in generate's programs; disabled, the originals, bit for bit."""
+    from frameworks import TFAdapter
+
+    from opt_core.safetensors_file import read_safetensors
+
+    base_folder, hf_model = hf_checkpoint("pre_ln")
+    modules = ["final_layer_norm", "embed_positions"]
+    peft_model = make_peft_adapter(
+        hf_model, tmp_path / "peft", "causal_lm", r=2, target_modules=["q_proj"], modules_to_save=modules
+    )
+    ids, mask = sample_batch()
+    framework = TFAdapter()
+    model = framework.load(base_folder)
+    base_logits, base_ids = run(framework, model, "causal_lm")[0], tf_greedy(model)
+    model.load_adapter(tmp_path / "peft")
+    assert any("embed_positions" in name for name in model.adapter_plan().module_copies)
+    actual, mask = run(framework, model, "causal_lm")
+    assert_close_on_real_tokens(actual, peft_logits(peft_model, "causal_lm", ids, mask), mask)
+    np.testing.assert_array_equal(tf_greedy(model), peft_greedy(peft_model))
+    model.disable_adapters()
+    assert np.array_equal(run(framework, model, "causal_lm")[0], base_logits)
+    np.testing.assert_array_equal(tf_greedy(model), base_ids)
+    model.save_adapter(tmp_path / "ours")
+    original = read_safetensors(tmp_path / "peft" / SAFETENSORS_NAME)
+    saved = read_safetensors(tmp_path / "ours" / SAFETENSORS_NAME)
+    assert saved.keys() == original.keys()
+    assert all(np.array_equal(saved[k], original[k]) for k in saved)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "bfloat16"])
+def test_tf_bf16_keeps_float32_lora_variables_and_merges_in_the_kernel_dtype(peft_case, policy, tmp_path):
+    import ml_dtypes
+
+    from opt_tf import TFOPTForCausalLM
+
+    base_folder, folder, expected, _ = peft_case("q_v")
+    model = TFOPTForCausalLM.from_pretrained(base_folder, dtype=policy, adapter=folder)
+    adapter = model.adapter_variables()
+    assert {v.dtype for v in adapter.values()} == {"float32"}
+    variable_dtype = np.float32 if policy.startswith("mixed") else ml_dtypes.bfloat16
+    state = model.canonical_state()
+    assert {v.dtype for v in state.values()} == {np.dtype(variable_dtype)} and not any("lora" in n for n in state)
+    ids, mask = sample_batch()
+    actual = np.asarray(model(ids, attention_mask=mask).logits)
+    assert actual.dtype == ml_dtypes.bfloat16
+    assert_close_on_real_tokens(actual.astype(np.float32), expected, mask, atol=5e-2)
+    greedy = tf_greedy(model)  # the adapted decode layout is the merged kernels, in their dtype
+    model.merge_adapter()
+    np.testing.assert_array_equal(tf_greedy(model), greedy)
+    model.merge_and_unload()
+    assert model.active_adapter is None and {v.dtype for v in model.canonical_state().values()} == {
+        np.dtype(variable_dtype)
+    }
+    merged = np.asarray(model(ids, attention_mask=mask).logits).astype(np.float32)
+    assert_close_on_real_tokens(merged, expected, mask, atol=5e-2)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded = TFOPTForCausalLM.from_pretrained(tmp_path, dtype=policy)
+    np.testing.assert_array_equal(np.asarray(reloaded(ids, attention_mask=mask).logits).astype(np.float32), merged)
+
+
+def test_tf_trainer_updates_only_the_adapter_and_saves_it_as_peft_does(hf_checkpoint, tmp_path):
+    """TFTrainer's compiled step and AdamW see only `model.trainable_variables` (the adapter's LoRA pairs, score
+    copy and trained biases), keyed by canonical adapter names; the base stays as loaded; a checkpoint is PEFT's
+    adapter folder, which PEFT and a resumed trainer read."""
+    import peft
+    from frameworks import TFAdapter
+
+    from opt_core.adapters import read_adapter
+    from opt_core.training import TrainOptions
+    from opt_tf.train import TFTrainer, trained_variables
+
+    head = "sequence_classification"
+    base_folder, hf_model = hf_checkpoint("pre_ln", head)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"], bias="lora_only")
+
+    def trainer():
+        model = TFAdapter().load(base_folder, head)
+        model.add_adapter(config, seed=1)
+        options = TrainOptions([tmp_path / "unused.txt"], tmp_path / "out", learning_rate=1e-2, dropout=False)
+        return TFTrainer(model, options, jit_compile=False)
+
+    first = trainer()
+    model, plan = first.model, first.model.adapter_plan()
+    trained = trained_variables(model)
+    assert set(trained) == set(plan.shapes()) | set(plan.saved)
+    assert {id(v) for v in trained.values()} == {id(v) for v in model.trainable_variables}
+    frozen = {n: v for n, v in model.canonical_state().items() if n not in plan.trained_biases}
+    before = {n: v.numpy().copy() for n, v in trained.items()}
+    ids, mask = sample_batch()
+    batch = {"input_ids": ids[None], "attention_mask": mask[None], "labels": np.array([[0, 1, 2]])}
+    for step in range(2):
+        first.train_step(batch, 1e-2, step)
+    assert all(np.array_equal(model.canonical_state()[n], v) for n, v in frozen.items())
+    assert all(not np.array_equal(v.numpy(), before[n]) for n, v in trained.items())
+
+    first.save(tmp_path / "ckpt", {"extra.txt": b"kept"})
+    assert (tmp_path / "ckpt" / "extra.txt").read_bytes() == b"kept"
+    _, tensors, _ = read_adapter(tmp_path / "ckpt")
+    assert all(np.array_equal(tensors[plan.file_name(n)], v) for n, v in model.adapter_arrays()[1].items())
+    ours, mask = run(TFAdapter(), model, head)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "ckpt").eval()
+    np.testing.assert_allclose(peft_logits(reloaded, head, ids, mask), ours, atol=FP32_ATOL)
+
+    second = trainer()
+    second.restore(tmp_path / "ckpt", first.optimizer_state())
+    np.testing.assert_array_equal(run(TFAdapter(), second.model, head)[0], ours)
+    assert int(second.optimizer.iterations.numpy()) == int(first.optimizer.iterations.numpy()) == 2
