@@ -32,8 +32,8 @@ adapter's trained biases are the base's biases there; but each adapter keeps its
 modules_to_save copies), so switching, disabling or deleting adapters gives the base model back bit for bit (PEFT's
 disabled model would keep the last trained biases).
 
-Training: `optax.masked` / `optax.multi_transform` with `trainable_mask(params)` (what `opt_flax.train` does)
-updates only the LoRA tensors, the copies and the trained biases.
+Training: an optimizer split by `trainable_mask` (`optax.multi_transform`, as `opt_flax.train` builds it) updates
+only the LoRA tensors, the copies and the trained biases, and holds no state for the frozen base.
 """
 
 from __future__ import annotations
@@ -536,11 +536,10 @@ class LoraMixin:
         name = self._attached()
         if name is None:
             return
-        adapter = self._lora.adapters[name]
         flat = flatten_dict(self.params, sep="/")
-        keys = adapter_keys(adapter.plan, self.config)
-        adapter.leaves = {key: flat.pop(key) for key in keys}
-        self.params = unflatten_dict(flat, sep="/")
+        leaves = self._leaves_in(flat, name)
+        self._lora.adapters[name].leaves = leaves
+        self.params = unflatten_dict({k: v for k, v in flat.items() if k not in leaves}, sep="/")
 
     def _attach(self) -> None:
         """Moves the active adapter's leaves into the params, if adapters are enabled and it is not merged."""
@@ -555,9 +554,19 @@ class LoraMixin:
 
     def _current_leaves(self, name: str) -> dict:
         if self._attached() == name:
-            flat = flatten_dict(self.params, sep="/")
-            return {key: flat[key] for key in adapter_keys(self._lora.adapters[name].plan, self.config)}
+            return self._leaves_in(flatten_dict(self.params, sep="/"), name)
         return self._lora.adapters[name].leaves
+
+    def _leaves_in(self, flat: Mapping, name: str) -> dict:
+        """The attached adapter's leaves in the flat params; a clear error if `model.params` lost them."""
+        keys = adapter_keys(self._lora.adapters[name].plan, self.config)
+        missing = [key for key in keys if key not in flat]
+        if missing:
+            raise ValueError(
+                f"model.params lacks the leaves of the active adapter {name!r} (e.g. {missing[0]!r}): params set "
+                "while it was active must keep them (or call disable_adapters() before setting base params)"
+            )
+        return {key: flat[key] for key in keys}
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name:
