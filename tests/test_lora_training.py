@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BASE, randomize_
+from conftest import BASE, FP32_ATOL, randomize_
+from frameworks import ADAPTERS
 from test_train_torch import CUES, classification_rows, sentence
 
 from opt_core.adapters import CONFIG_NAME, SAFETENSORS_NAME, init_lora_weights, plan_adapter
@@ -25,15 +26,16 @@ from opt_core.config import OPTConfig
 from opt_core.data import batch_indices
 from opt_core.safetensors_file import read_safetensors
 from opt_core.tokenizer import OPTTokenizer, train_bpe_tokenizer
-from opt_core.training import LOG_NAME, TrainOptions, load_data
+from opt_core.training import HEAD_OF_TASK, LOG_NAME, TrainOptions, load_data
 
 STEPS = 30
 HF_CLASSES = {"causal-lm": "OPTForCausalLM", "sequence-classification": "OPTForSequenceClassification"}
 # Worst per-step |loss - reference loss| over the 30 fp32 steps, measured on CPU (torch 2.13, tf 2.21 / keras 3.15,
-# jax 0.10.2): see LOSS_ATOL_BY_FRAMEWORK. Keras' AdamW adds epsilon before the bias correction of v (31.6x torch's
-# epsilon at step 1, the fine-tuning issue's measurement), which the adapter's few parameters feel as they do the
-# full model's.
-LOSS_ATOL_BY_FRAMEWORK = {"torch": 1e-5, "flax": 1e-5, "tf": 1e-4}
+# jax 0.10.2), causal LM / classification: torch 9.5e-7 / 1.2e-7, flax 2.9e-6 / 1.7e-6, tf 1.15e-4 (causal LM).
+# Keras' AdamW adds epsilon to sqrt(v) before v's bias correction (torch after it: 31.6x torch's epsilon at step
+# 1); the adapter's few, fast-moving parameters feel it more than a full fine-tune does. Measured: with
+# adam_epsilon=1e-12 in both, tf's worst difference falls from 1.15e-4 to 3.8e-6. Tolerances ~2-10x the worst.
+LOSS_ATOL_BY_FRAMEWORK = {"torch": 1e-5, "flax": 1e-5, "tf": 2.5e-4}
 FRAMEWORKS = ("torch", "tf", "flax")
 
 
@@ -201,12 +203,17 @@ def test_the_output_is_a_peft_adapter_with_the_trained_outputs(reference, traine
     assert any(name.endswith("lora_B.weight") and np.abs(value).max() > 0 for name, value in saved.items())
     base = getattr(transformers, HF_CLASSES[task]).from_pretrained(checkpoints[task], **data.config_updates)
     loaded = peft.PeftModel.from_pretrained(base, folder).eval()
-    ids, mask = (torch.from_numpy(data.eval[k][:4]).long() for k in ("input_ids", "attention_mask"))
+    ids, mask = (data.eval[k][:4].astype(np.int64) for k in ("input_ids", "attention_mask"))
     with torch.no_grad():
-        ours, theirs = (
-            loaded(input_ids=ids, attention_mask=mask).logits,
-            peft_model(input_ids=ids, attention_mask=mask).logits,
-        )
-    real = mask.bool() if task == "causal-lm" else torch.ones(len(ids), dtype=torch.bool)
-    tolerance = 1e-3 if framework == "tf" else 1e-4  # 30 updates apart by the losses' tolerance above
-    np.testing.assert_allclose(ours[real].numpy(), theirs[real].numpy(), atol=tolerance)
+        inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        in_peft, reference_logits = loaded(**inputs).logits.numpy(), peft_model(**inputs).logits.numpy()
+    # The file is read alike by PEFT and by the framework itself.
+    adapter = ADAPTERS[framework]()
+    model = adapter.load(checkpoints[task], HEAD_OF_TASK[task], adapter=folder, **data.config_updates)
+    ours = adapter.numpy(adapter(model, ids, attention_mask=mask).logits)
+    real = mask.astype(bool) if task == "causal-lm" else np.ones(len(ids), dtype=bool)
+    np.testing.assert_allclose(ours[real], in_peft[real], atol=FP32_ATOL)
+    # And it holds the reference's training: 30 updates apart by what the losses differ by. Keras' epsilon placement
+    # (see LOSS_ATOL_BY_FRAMEWORK) moves its adapter's logits up to 5.1e-3 from the reference's (measured).
+    tolerance = 2e-2 if framework == "tf" else 1e-4
+    np.testing.assert_allclose(in_peft[real], reference_logits[real], atol=tolerance)
