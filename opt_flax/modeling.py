@@ -252,6 +252,8 @@ def _lookup_without_pad_gradient(embed: nn.Embed, input_ids: jax.Array, pad_toke
     embeds = embed(input_ids)
     if pad_token_id is None:
         return embeds
+    # OPT quirk: HF's embed_tokens is an nn.Embedding(padding_idx=pad_token_id): its lookups of the pad token
+    # pass no gradient to the pad row; a tied LM head's own gradient on that row still flows, as in HF.
     return jnp.where((input_ids == pad_token_id)[..., None], lax.stop_gradient(embeds), embeds)
 
 

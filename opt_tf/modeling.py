@@ -200,6 +200,20 @@ class OPTDecoderLayer(keras.layers.Layer):
         return hidden_states, present, probs
 
 
+def _lookup_without_pad_gradient(
+    embed: keras.layers.Embedding, input_ids: tf.Tensor, pad_token_id: int | None
+) -> tf.Tensor:
+    """B T E embeddings of the ids; the pad token's lookups pass no gradient to its row, as HF's (torch's)
+    `nn.Embedding(padding_idx=pad)`: fine-tuning on padded batches moves the same weights in every framework.
+    The values are the table's rows either way."""
+    embeds = embed(input_ids)
+    if pad_token_id is None:
+        return embeds
+    # OPT quirk: HF's embed_tokens is an nn.Embedding(padding_idx=pad_token_id): its lookups of the pad token
+    # pass no gradient to the pad row; a tied LM head's own gradient on that row still flows, as in HF.
+    return tf.where((input_ids == pad_token_id)[..., None], tf.stop_gradient(embeds), embeds)
+
+
 class OPTDecoder(keras.layers.Layer):
     def __init__(self, config: OPTConfig, initializer, **kwargs):
         super().__init__(**kwargs)
@@ -263,7 +277,7 @@ class OPTDecoder(keras.layers.Layer):
         if tf.executing_eagerly():
             _validate(self.config, input_ids, attention_mask, position_ids, cache, inputs_embeds)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)  # B T E
+            inputs_embeds = _lookup_without_pad_gradient(self.embed_tokens, input_ids, self.config.pad_token_id)
         batch, length = tf.shape(inputs_embeds)[0], tf.shape(inputs_embeds)[1]
         past_length = _past_length(cache)
         attention_mask = _padding_mask(attention_mask, cache, past_length, (batch, length))  # B S

@@ -159,6 +159,8 @@ class OPTDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.dropout = config.dropout
+        # OPT quirk: HF's embed_tokens is an nn.Embedding(padding_idx=pad_token_id): its lookups of the pad token
+        # pass no gradient to the pad row; a tied LM head's own gradient on that row still flows, as in HF.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.word_embed_proj_dim, padding_idx=config.pad_token_id)
         self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, config.hidden_size)
         # OPT quirk: opt-350m embeds tokens in E = word_embed_proj_dim != D; project_in maps E -> D before the

@@ -308,3 +308,31 @@ def test_under_xla_values_are_not_checked(loaded, compiled):
     step = compiled(ours)
     clamped = step(tf.constant([[5, 6, 101]]), use_cache=False).logits
     np.testing.assert_array_equal(clamped, step(tf.constant([[5, 6, 100]]), use_cache=False).logits)
+
+
+def test_pad_lookups_pass_no_gradient_to_the_pad_row_as_in_torch(loaded):
+    """HF's embed_tokens has padding_idx=pad: fine-tuning on padded rows must not move the pad row through its
+    lookups (issue 16); a tied LM head's gradient on that row still flows, as in HF."""
+    model, _ = loaded("pre_ln", "base")
+    pad = model.config.pad_token_id
+    ids = np.array([[pad, pad, 5, 6, 7], [8, 9, 10, pad, 11]])
+    table = model.get_input_embeddings().embeddings
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(model(ids).last_hidden_state)
+    grad = tf.convert_to_tensor(tape.gradient(total, table)).numpy()
+    assert np.all(grad[pad] == 0)
+    assert np.any(grad[5] != 0)
+
+    model, hf = loaded("pre_ln")  # tied: the head's logits reach every row of the table, the pad row too
+    weights = np.random.default_rng(0).standard_normal((*ids.shape, model.config.vocab_size)).astype(np.float32)
+    table = model.get_input_embeddings().embeddings
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(model(ids).logits * weights)
+    grad = tf.convert_to_tensor(tape.gradient(total, table)).numpy()
+    try:
+        (hf(torch.from_numpy(ids)).logits * torch.from_numpy(weights)).sum().backward()
+        expected = hf.get_input_embeddings().weight.grad.numpy().copy()
+    finally:
+        hf.zero_grad(set_to_none=True)
+    assert np.any(expected[pad] != 0)
+    np.testing.assert_allclose(grad, expected, atol=1e-5)
