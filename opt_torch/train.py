@@ -140,7 +140,11 @@ def build_optimizer(model, options: TrainOptions) -> torch.optim.AdamW:
         {"params": [p for n, p in params.items() if not decays(n)], "weight_decay": 0.0},
     ]
     betas = (options.adam_beta1, options.adam_beta2)
-    return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=options.adam_epsilon, foreach=False)
+    # The fused kernel (HF Trainer's default since torch 2.8) is the same update in one pass over the weights: on
+    # opt-125m on CPU it took 0.4-0.7 s a step where the for-loop kernel took 2.4-3.6 s (benchmarks/train_step.py).
+    devices = {p.device.type for group in groups for p in group["params"]}
+    fused = {"fused": True} if devices <= {"cpu", "cuda"} else {}
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=options.adam_epsilon, **fused)
 
 
 # ----- losses: (per-row sum of the loss terms, their count), so micro-batches add up to the whole step's mean
@@ -150,8 +154,11 @@ def causal_lm_losses(out, batch, config) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: summed next-token cross-entropy over labels != -100 (HF's shift), and the count of terms."""
     labels = batch["labels"][:, 1:]  # B T-1
     logits = out.logits[:, :-1].float()  # B T-1 V
-    losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    return losses.sum(-1), (labels != -100).sum(-1).float()
+    # The vocabulary as the last dimension of a 2-D input: half the time of a B V T-1 input on opt-125m's 50272.
+    flat = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    )
+    return flat.view(labels.shape).sum(-1), (labels != -100).sum(-1).float()
 
 
 def classification_losses(out, batch, config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +248,7 @@ class TorchTrainer:
                 (loss_sum / count).backward()  # gradients add up over micro-batches to the step's mean's
                 total += loss_sum.detach().double().cpu()
         if self.options.clip_norm:
-            torch.nn.utils.clip_grad_norm_(self.params.values(), self.options.clip_norm, foreach=False)
+            torch.nn.utils.clip_grad_norm_(self.params.values(), self.options.clip_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         self.optimizer.step()

@@ -118,7 +118,8 @@ def test_config_round_trip_keeps_peft_keys_it_does_not_use(peft_case, tmp_path):
     _, folder, _, _ = peft_case("q_v")
     written = json.loads((folder / CONFIG_NAME).read_text())
     config = LoraConfig.from_json_file(folder / CONFIG_NAME)
-    assert (config.r, config.lora_alpha, config.target_modules) == (4, 8, ["q_proj", "v_proj"])
+    # PEFT writes target_modules from a set: its order varies with the hash seed.
+    assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (4, 8, ["q_proj", "v_proj"])
     assert json.loads(config.to_json_string()) == written
 
 
@@ -328,6 +329,160 @@ def test_new_adapter_trains_only_itself_and_loads_in_peft(framework, hf_checkpoi
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path).eval()
     ids, _ = sample_batch()
     assert_close_on_real_tokens(actual, peft_logits(reloaded, "causal_lm", ids, mask), mask)
+
+
+# ----- torch: generation (eager and compiled), bfloat16, biases of several adapters, unloading, the trainer
+
+
+def torch_greedy(model, compile=False):
+    import torch
+
+    ids, mask = sample_batch(seed=3, length=6)
+    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    return model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, compile=compile).numpy()
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_torch_greedy_generate_applies_the_adapter_merged_or_not(peft_case, compile):
+    """The static-cache decode loop (and its torch.compile'd step, recompiled as adapters change) applies the
+    active adapter: PEFT's ids unmerged, the same after merge_adapter, the base's once disabled."""
+    import torch
+
+    import opt_torch
+
+    base_folder, folder, _, peft_model = peft_case("all_linear")
+    model = opt_torch.OPTForCausalLM.from_pretrained(base_folder)
+    base_ids = torch_greedy(model, compile)
+    model.load_adapter(folder)
+    ids, mask = sample_batch(seed=3, length=6)
+    with torch.no_grad():
+        expected = peft_model.generate(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=8, do_sample=False
+        ).numpy()
+    unmerged = torch_greedy(model, compile)
+    np.testing.assert_array_equal(unmerged, expected)
+    assert not np.array_equal(unmerged, base_ids)
+    model.merge_adapter()
+    np.testing.assert_array_equal(torch_greedy(model, compile), unmerged)
+    model.disable_adapters()  # unmerges first
+    np.testing.assert_array_equal(torch_greedy(model, compile), base_ids)
+
+
+def test_torch_bf16_base_keeps_float32_lora_tensors(peft_case):
+    import ml_dtypes
+    import torch
+    from frameworks import TorchAdapter
+
+    base_folder, folder, expected, _ = peft_case("q_v")
+    model = TorchAdapter().load(base_folder, dtype=torch.bfloat16, adapter=folder)
+    lora_dtypes = {p.dtype for n, p in model.named_parameters() if ".lora_" in n}
+    assert lora_dtypes == {torch.float32}
+    state = model.canonical_state()
+    assert {v.dtype for v in state.values()} == {np.dtype(ml_dtypes.bfloat16)} and not any("lora" in n for n in state)
+    framework, (ids, mask) = TorchAdapter(), sample_batch()
+    actual = framework.numpy(framework(model, ids, attention_mask=mask).logits)
+    assert actual.dtype == ml_dtypes.bfloat16
+    assert_close_on_real_tokens(actual.astype(np.float32), expected, mask, atol=5e-2)
+
+
+def test_torch_adapters_keep_their_own_biases_and_deleting_them_gives_the_base_back(peft_case):
+    """Trained biases live in the base biases while their adapter acts (as PEFT), but each adapter keeps its own:
+    switching adapters and deleting them gives each its values and the base model back bit for bit."""
+    import torch
+    from frameworks import TorchAdapter
+
+    from opt_torch.lora import is_adapter_name
+
+    framework, head = TorchAdapter(), "sequence_classification"
+    base_folder, folder, expected, _ = peft_case("classifier")
+    model = framework.load(base_folder, head)
+    base_state, (base_logits, _) = model.canonical_state(), run(framework, model, head)
+    model.load_adapter(folder, adapter_name="peft")
+    model.add_adapter(LoraConfig(r=2, target_modules=["k_proj"], bias="all", init_lora_weights=False), "new")
+    assert model.active_adapter == "new" and list(model.peft_config) == ["peft", "new"]
+    with torch.no_grad():
+        for param in model.adapter_parameters().values():  # as if trained: LoRA pairs, the score copy, every bias
+            param.add_(0.01)
+    new_logits, _ = run(framework, model, head)
+    model.set_adapter("peft")
+    np.testing.assert_allclose(run(framework, model, head)[0], expected, atol=FP32_ATOL)
+    model.set_adapter("new")
+    assert np.array_equal(run(framework, model, head)[0], new_logits)
+    with pytest.raises(ValueError, match="'new'"):
+        model.add_adapter(LoraConfig(), adapter_name="new")
+    model.delete_adapter("new")
+    assert model.active_adapter == "peft"
+    np.testing.assert_allclose(run(framework, model, head)[0], expected, atol=FP32_ATOL)
+    model.delete_adapter("peft")
+    assert model.active_adapter is None and model.peft_config == {}
+    assert all(np.array_equal(value, base_state[name]) for name, value in model.canonical_state().items())
+    assert np.array_equal(run(framework, model, head)[0], base_logits)
+    assert all(not is_adapter_name(name) and p.requires_grad for name, p in model.named_parameters())
+
+
+def test_torch_merge_and_unload_leaves_a_plain_model_hf_loads(peft_case, tmp_path):
+    import torch
+    import transformers
+    from frameworks import TorchAdapter
+
+    head = "sequence_classification"
+    base_folder, folder, expected, _ = peft_case("classifier")
+    model = TorchAdapter().load(base_folder, head, adapter=folder)
+    plain_names = list(TorchAdapter().load(base_folder, head).state_dict())
+    assert model.merge_and_unload() is model and model.peft_config == {}
+    assert list(model.state_dict()) == plain_names
+    assert {type(m) for m in model.modules()} <= {type(m) for m in TorchAdapter().load(base_folder, head).modules()}
+    np.testing.assert_allclose(run(TorchAdapter(), model, head)[0], expected, atol=FP32_ATOL)
+    model.save_pretrained(tmp_path)
+    hf = transformers.OPTForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids, mask = sample_batch()
+    np.testing.assert_allclose(peft_logits(hf, head, ids, mask), expected, atol=FP32_ATOL)
+
+
+def test_torch_trainer_updates_only_the_adapter_and_saves_it_as_peft_does(hf_checkpoint, tmp_path):
+    """TorchTrainer's AdamW holds only what requires grad (the adapter's LoRA pairs, score copy and trained
+    biases); the base stays as loaded; a checkpoint is PEFT's adapter folder, which PEFT and a resumed trainer read."""
+    import peft
+    from frameworks import TorchAdapter
+
+    from opt_core.adapters import read_adapter
+    from opt_core.training import TrainOptions
+    from opt_torch.train import TorchTrainer
+
+    head = "sequence_classification"
+    base_folder, hf_model = hf_checkpoint("pre_ln", head)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"], bias="lora_only")
+
+    def trainer():
+        model = TorchAdapter().load(base_folder, head)
+        model.add_adapter(config, seed=1)
+        options = TrainOptions([tmp_path / "unused.txt"], tmp_path / "out", learning_rate=1e-2, dropout=False)
+        return TorchTrainer(model, options, device="cpu")
+
+    first = trainer()
+    model = first.model
+    plan = model.adapter_state.plans["default"]
+    assert set(first.params) == set(plan.shapes()) | set(plan.saved)
+    frozen = {n: v for n, v in model.canonical_state().items() if n not in plan.trained_biases}
+    before = {n: v.detach().clone() for n, v in first.params.items()}
+    ids, mask = sample_batch()
+    batch = {"input_ids": ids[None], "attention_mask": mask[None], "labels": np.array([[0, 1, 2]])}
+    for step in range(2):
+        first.train_step(batch, 1e-2, step)
+    assert all(np.array_equal(model.canonical_state()[n], v) for n, v in frozen.items())
+    assert all(not np.array_equal(p.detach(), before[n]) for n, p in first.params.items())
+
+    first.save(tmp_path / "ckpt", {"extra.txt": b"kept"})
+    assert (tmp_path / "ckpt" / "extra.txt").read_bytes() == b"kept"
+    _, tensors, _ = read_adapter(tmp_path / "ckpt")
+    assert all(np.array_equal(tensors[plan.file_name(n)], v) for n, v in model.adapter_arrays()[1].items())
+    ours, mask = run(TorchAdapter(), model.eval(), head)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "ckpt").eval()
+    np.testing.assert_allclose(peft_logits(reloaded, head, ids, mask), ours, atol=FP32_ATOL)
+
+    second = trainer()
+    second.restore(tmp_path / "ckpt", first.optimizer_state())
+    np.testing.assert_array_equal(run(TorchAdapter(), second.model.eval(), head)[0], ours)
 
 
 # ----- flax: the adapter in the params pytree (one jit follows it), generate's merged decode view, bfloat16, the
@@ -547,160 +702,6 @@ def test_flax_adapter_leaves_are_sharded_like_their_kernels():
     command = [sys.executable, "-c", textwrap.dedent(FLAX_MESH_SCRIPT)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "adapter sharded" in result.stdout, result.stdout + result.stderr
-
-
-# ----- torch: generation (eager and compiled), bfloat16, biases of several adapters, unloading, the trainer
-
-
-def torch_greedy(model, compile=False):
-    import torch
-
-    ids, mask = sample_batch(seed=3, length=6)
-    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
-    return model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, compile=compile).numpy()
-
-
-@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_torch_greedy_generate_applies_the_adapter_merged_or_not(peft_case, compile):
-    """The static-cache decode loop (and its torch.compile'd step, recompiled as adapters change) applies the
-    active adapter: PEFT's ids unmerged, the same after merge_adapter, the base's once disabled."""
-    import torch
-
-    import opt_torch
-
-    base_folder, folder, _, peft_model = peft_case("all_linear")
-    model = opt_torch.OPTForCausalLM.from_pretrained(base_folder)
-    base_ids = torch_greedy(model, compile)
-    model.load_adapter(folder)
-    ids, mask = sample_batch(seed=3, length=6)
-    with torch.no_grad():
-        expected = peft_model.generate(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=8, do_sample=False
-        ).numpy()
-    unmerged = torch_greedy(model, compile)
-    np.testing.assert_array_equal(unmerged, expected)
-    assert not np.array_equal(unmerged, base_ids)
-    model.merge_adapter()
-    np.testing.assert_array_equal(torch_greedy(model, compile), unmerged)
-    model.disable_adapters()  # unmerges first
-    np.testing.assert_array_equal(torch_greedy(model, compile), base_ids)
-
-
-def test_torch_bf16_base_keeps_float32_lora_tensors(peft_case):
-    import ml_dtypes
-    import torch
-    from frameworks import TorchAdapter
-
-    base_folder, folder, expected, _ = peft_case("q_v")
-    model = TorchAdapter().load(base_folder, dtype=torch.bfloat16, adapter=folder)
-    lora_dtypes = {p.dtype for n, p in model.named_parameters() if ".lora_" in n}
-    assert lora_dtypes == {torch.float32}
-    state = model.canonical_state()
-    assert {v.dtype for v in state.values()} == {np.dtype(ml_dtypes.bfloat16)} and not any("lora" in n for n in state)
-    framework, (ids, mask) = TorchAdapter(), sample_batch()
-    actual = framework.numpy(framework(model, ids, attention_mask=mask).logits)
-    assert actual.dtype == ml_dtypes.bfloat16
-    assert_close_on_real_tokens(actual.astype(np.float32), expected, mask, atol=5e-2)
-
-
-def test_torch_adapters_keep_their_own_biases_and_deleting_them_gives_the_base_back(peft_case):
-    """Trained biases live in the base biases while their adapter acts (as PEFT), but each adapter keeps its own:
-    switching adapters and deleting them gives each its values and the base model back bit for bit."""
-    import torch
-    from frameworks import TorchAdapter
-
-    from opt_torch.lora import is_adapter_name
-
-    framework, head = TorchAdapter(), "sequence_classification"
-    base_folder, folder, expected, _ = peft_case("classifier")
-    model = framework.load(base_folder, head)
-    base_state, (base_logits, _) = model.canonical_state(), run(framework, model, head)
-    model.load_adapter(folder, adapter_name="peft")
-    model.add_adapter(LoraConfig(r=2, target_modules=["k_proj"], bias="all", init_lora_weights=False), "new")
-    assert model.active_adapter == "new" and list(model.peft_config) == ["peft", "new"]
-    with torch.no_grad():
-        for param in model.adapter_parameters().values():  # as if trained: LoRA pairs, the score copy, every bias
-            param.add_(0.01)
-    new_logits, _ = run(framework, model, head)
-    model.set_adapter("peft")
-    np.testing.assert_allclose(run(framework, model, head)[0], expected, atol=FP32_ATOL)
-    model.set_adapter("new")
-    assert np.array_equal(run(framework, model, head)[0], new_logits)
-    with pytest.raises(ValueError, match="'new'"):
-        model.add_adapter(LoraConfig(), adapter_name="new")
-    model.delete_adapter("new")
-    assert model.active_adapter == "peft"
-    np.testing.assert_allclose(run(framework, model, head)[0], expected, atol=FP32_ATOL)
-    model.delete_adapter("peft")
-    assert model.active_adapter is None and model.peft_config == {}
-    assert all(np.array_equal(value, base_state[name]) for name, value in model.canonical_state().items())
-    assert np.array_equal(run(framework, model, head)[0], base_logits)
-    assert all(not is_adapter_name(name) and p.requires_grad for name, p in model.named_parameters())
-
-
-def test_torch_merge_and_unload_leaves_a_plain_model_hf_loads(peft_case, tmp_path):
-    import torch
-    import transformers
-    from frameworks import TorchAdapter
-
-    head = "sequence_classification"
-    base_folder, folder, expected, _ = peft_case("classifier")
-    model = TorchAdapter().load(base_folder, head, adapter=folder)
-    plain_names = list(TorchAdapter().load(base_folder, head).state_dict())
-    assert model.merge_and_unload() is model and model.peft_config == {}
-    assert list(model.state_dict()) == plain_names
-    assert {type(m) for m in model.modules()} <= {type(m) for m in TorchAdapter().load(base_folder, head).modules()}
-    np.testing.assert_allclose(run(TorchAdapter(), model, head)[0], expected, atol=FP32_ATOL)
-    model.save_pretrained(tmp_path)
-    hf = transformers.OPTForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    ids, mask = sample_batch()
-    np.testing.assert_allclose(peft_logits(hf, head, ids, mask), expected, atol=FP32_ATOL)
-
-
-def test_torch_trainer_updates_only_the_adapter_and_saves_it_as_peft_does(hf_checkpoint, tmp_path):
-    """TorchTrainer's AdamW holds only what requires grad (the adapter's LoRA pairs, score copy and trained
-    biases); the base stays as loaded; a checkpoint is PEFT's adapter folder, which PEFT and a resumed trainer read."""
-    import peft
-    from frameworks import TorchAdapter
-
-    from opt_core.adapters import read_adapter
-    from opt_core.training import TrainOptions
-    from opt_torch.train import TorchTrainer
-
-    head = "sequence_classification"
-    base_folder, hf_model = hf_checkpoint("pre_ln", head)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"], bias="lora_only")
-
-    def trainer():
-        model = TorchAdapter().load(base_folder, head)
-        model.add_adapter(config, seed=1)
-        options = TrainOptions([tmp_path / "unused.txt"], tmp_path / "out", learning_rate=1e-2, dropout=False)
-        return TorchTrainer(model, options, device="cpu")
-
-    first = trainer()
-    model = first.model
-    plan = model.adapter_state.plans["default"]
-    assert set(first.params) == set(plan.shapes()) | set(plan.saved)
-    frozen = {n: v for n, v in model.canonical_state().items() if n not in plan.trained_biases}
-    before = {n: v.detach().clone() for n, v in first.params.items()}
-    ids, mask = sample_batch()
-    batch = {"input_ids": ids[None], "attention_mask": mask[None], "labels": np.array([[0, 1, 2]])}
-    for step in range(2):
-        first.train_step(batch, 1e-2, step)
-    assert all(np.array_equal(model.canonical_state()[n], v) for n, v in frozen.items())
-    assert all(not np.array_equal(p.detach(), before[n]) for n, p in first.params.items())
-
-    first.save(tmp_path / "ckpt", {"extra.txt": b"kept"})
-    assert (tmp_path / "ckpt" / "extra.txt").read_bytes() == b"kept"
-    _, tensors, _ = read_adapter(tmp_path / "ckpt")
-    assert all(np.array_equal(tensors[plan.file_name(n)], v) for n, v in model.adapter_arrays()[1].items())
-    ours, mask = run(TorchAdapter(), model.eval(), head)
-    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "ckpt").eval()
-    np.testing.assert_allclose(peft_logits(reloaded, head, ids, mask), ours, atol=FP32_ATOL)
-
-    second = trainer()
-    second.restore(tmp_path / "ckpt", first.optimizer_state())
-    np.testing.assert_array_equal(run(TorchAdapter(), second.model.eval(), head)[0], ours)
 
 
 # ----- tf: adapters as Keras variables (trainable_weights, fit), generate's decode layout and compiled programs,

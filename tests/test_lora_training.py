@@ -130,7 +130,13 @@ def peft_reference(options: TrainOptions, folder: Path):
         {"params": [p for n, p in trainable if n not in decayed], "weight_decay": 0.0},
     ]
     betas = (options.adam_beta1, options.adam_beta2)
-    optimizer = torch.optim.AdamW(groups, lr=options.learning_rate, betas=betas, eps=options.adam_epsilon)
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=options.learning_rate,
+        betas=betas,
+        eps=options.adam_epsilon,
+        fused=True,  # HF Trainer's default
+    )
     scheduler = get_linear_schedule_with_warmup(optimizer, options.warmup_steps, options.steps)
     model.train(False)
     losses = []
