@@ -17,9 +17,9 @@ correction of v (torch after it), i.e. Keras' effective epsilon is `eps / sqrt(1
 first update and -> torch's as t grows; and Keras clips with `clip / max(norm, clip)` where torch's
 `clip_grad_norm_` uses `clip / (norm + 1e-6)`. tests/test_train_tf.py measures what they change in the losses
 (over 50 steps the worst per-step loss difference from HF + torch AdamW is ~2e-5; moving the reference's epsilon
-to Keras' place cuts it 3-4x). Two things Keras would otherwise do differently from HF are corrected in
-`DenseAdamW`: embedding gradients are summed before the update (Keras' sparse path mis-counts repeated lookups),
-and the pad token's embedding row gets no gradient from lookups (HF's `padding_idx`).
+to Keras' place cuts it 3-4x). One thing Keras would otherwise do differently from HF is corrected in
+`DenseAdamW`: embedding gradients are summed before the update (Keras' sparse path mis-counts repeated lookups).
+HF's `padding_idx` (the pad token's lookups give its row no gradient) is the model's own (`opt_tf.modeling`).
 
 Keras' accumulation averages the micro-batches' mean losses; the protocol's mean over all loss terms of the step is
 the same when every micro-batch has as many terms, which `opt_core.data`'s rows always do (full causal-LM blocks,
@@ -110,7 +110,7 @@ def build_model(options: TrainOptions, tokenizer, config_updates: Mapping[str, A
 
 
 class DenseAdamW(keras.optimizers.AdamW):
-    """Keras' AdamW, given dense gradients, with HF's frozen padding row.
+    """Keras' AdamW, given dense gradients.
 
     An embedding lookup's gradient is a `tf.IndexedSlices` with one slice per looked-up token, duplicates
     included, and Keras' TF optimizer scatters each slice's moment update on its own: a row looked up k times gets
@@ -118,40 +118,19 @@ class DenseAdamW(keras.optimizers.AdamW):
     Adam). Measured: position rows a whole learning rate off torch's AdamW after one step. Summing the slices
     first gives torch's dense update (and HF's).
 
-    OPT quirk: HF's `embed_tokens` is an `nn.Embedding(padding_idx=pad_token_id)`, whose lookups of the pad token
-    pass no gradient, so the pad row never trains from them. Where the table is only looked up (no tied head),
-    that is its pad row's gradient, zeroed here. A tied head's own gradient on that row is HF's too; only the
-    lookups of pad tokens would differ, and `opt_core.data`'s causal-LM rows have none.
-
     Args:
-        pad_row: (the embedding variable, the pad token's row) to keep frozen, or None.
         **kwargs: `keras.optimizers.AdamW`'s.
     """
 
-    def __init__(self, pad_row: tuple[keras.Variable, int] | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.pad_row = pad_row
-
     def apply(self, grads, trainable_variables=None):
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-        if self.pad_row is not None and trainable_variables is not None:
-            trainable_variables = list(trainable_variables)
-            table, row = self.pad_row
-            for index, variable in enumerate(trainable_variables):
-                if variable is table and grads[index] is not None:
-                    zeros = tf.zeros([1, grads[index].shape[-1]], grads[index].dtype)
-                    grads[index] = tf.tensor_scatter_nd_update(grads[index], [[row]], zeros)
         return super().apply(grads, trainable_variables)
 
 
 def build_optimizer(options: TrainOptions, model: keras.Model) -> keras.optimizers.AdamW:
     """Keras' AdamW (`DenseAdamW`) with the run's betas, epsilon and decay, clipping by global norm, accumulation over
     `grad_accum` micro-batches, and no decay on the parameters `decays` excludes (biases, LayerNorm weights)."""
-    embed_tokens = model.get_input_embeddings().embeddings
-    tied = model.head == "causal_lm" and model.config.tie_word_embeddings
-    pad = model.config.pad_token_id
     optimizer = DenseAdamW(
-        pad_row=None if tied or pad is None else (embed_tokens, pad),
         learning_rate=0.0,  # assigned before every step
         weight_decay=options.weight_decay,
         beta_1=options.adam_beta1,

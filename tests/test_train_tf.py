@@ -249,6 +249,23 @@ def test_weight_decay_skips_what_decays_excludes(trained):
     assert len(variables) == len(trainer.model.trainable_variables)
 
 
+def test_the_pad_row_only_decays_as_in_hf(trained):
+    """QA rows are padded to max_length and the pad positions' logits enter the loss's softmax, but HF's padding_idx
+    gives the pad row no gradient from its lookups (nor does the model's lookup, `opt_tf.modeling`): AdamW's moments
+    stay 0, so the row only decays, by 1 - rate * decay a step."""
+    from opt_core.safetensors_file import read_safetensors
+    from opt_core.training import learning_rate
+
+    opts, data, trainer, init = trained("question-answering")
+    pad = trainer.model.config.pad_token_id
+    assert (data.train["input_ids"] == pad).any()
+    start = read_safetensors(init / "model.safetensors")["model.decoder.embed_tokens.weight"][pad]
+    decay = np.prod([1 - np.float32(learning_rate(step, opts) * opts.weight_decay) for step in range(opts.steps)])
+    trained_row = trainer.model.get_input_embeddings().embeddings.numpy()[pad]
+    np.testing.assert_allclose(trained_row, start * decay, rtol=1e-5)  # float32 products of 50 factors: ~1e-6
+    assert decay < 0.9999  # the 50 steps decayed it
+
+
 # ----- resuming, accumulation: a causal LM on arrays (the session's HF checkpoint, dropout on)
 
 STEPS, SAVE_AT, KILL_AT = 8, 4, 6
