@@ -598,7 +598,8 @@ def write_adapter(
         raise CheckpointError(f"cannot save an adapter to {folder}: it is a file")
     folder.mkdir(parents=True, exist_ok=True)
     file_tensors = to_file_tensors(plan, tensors)
-    config = plan.config
+    # PEFT's save_pretrained writes inference_mode: true whatever the model's mode (loading decides trainability).
+    config = dataclasses.replace(plan.config, inference_mode=True)
     if base_model_name_or_path is not None:
         config = dataclasses.replace(config, base_model_name_or_path=base_model_name_or_path)
     weights_name, write = (SAFETENSORS_NAME, write_safetensors) if safe_serialization else (BIN_NAME, save_state_dict)
