@@ -451,7 +451,8 @@ class LoraMixin:
         self.adapter_state = AdapterState()
 
     def _refresh(self) -> None:
-        """Tells every layer which adapter acts, puts its trained biases in, and lets only it train."""
+        """Tells every layer which adapter acts, puts its trained biases in, and lets only it train (nothing
+        trains while the adapters are disabled, as PEFT's disable_adapter_layers)."""
         state = self.adapter_state
         acting = state.acting
         for module in self.modules():
@@ -462,8 +463,8 @@ class LoraMixin:
         self._place_biases(acting)
         for param in self.parameters():
             param.requires_grad_(False)
-        if state.active is not None and state.trainable[state.active]:
-            for param in self.adapter_parameters(state.active).values():
+        if acting is not None and state.trainable[acting]:  # disabled adapters are frozen too, as in PEFT
+            for param in self.adapter_parameters(acting).values():
                 param.requires_grad_(True)
 
     @torch.no_grad()
