@@ -12,13 +12,12 @@ Each protocol step runs `model.train_on_batch` once per micro-batch: that is `fi
 frameworks see the same batches in the same order and save the same checkpoints. The rate of each step is assigned
 to `optimizer.learning_rate` (a variable the compiled step reads) before it runs.
 
-Two formula differences from torch.optim.AdamW, both Keras' own: Keras adds epsilon to sqrt(v) before the bias
-correction of v (torch after it), i.e. Keras' effective epsilon is `eps / sqrt(1 - beta2**t)`, 31.6x torch's at the
-first update and -> torch's as t grows; and Keras clips with `clip / max(norm, clip)` where torch's
-`clip_grad_norm_` uses `clip / (norm + 1e-6)`. tests/test_train_tf.py measures what they change in the losses
-(over 50 steps the worst per-step loss difference from HF + torch AdamW is ~2e-5; moving the reference's epsilon
-to Keras' place cuts it 3-4x). One thing Keras would otherwise do differently from HF is corrected in
-`DenseAdamW`: embedding gradients are summed before the update (Keras' sparse path mis-counts repeated lookups).
+Two things Keras' AdamW would do differently from HF's (torch's) are corrected in `DenseAdamW`: epsilon is added
+where torch adds it (Keras adds it before v's bias correction: 31.6x torch's effective epsilon at the first update;
+it put the losses 1-2e-5 apart over 50 tiny steps, 1e-4 over 30 LoRA steps and 3e-3 on opt-125m), and embedding
+gradients are summed before the update (Keras' sparse path mis-counts repeated lookups). With both, the worst
+per-step loss difference from HF + torch AdamW over 50 steps is 2.7-6.7e-6 (tests/test_train_tf.py). Left as
+Keras does it: clipping by `clip / max(norm, clip)` where torch's `clip_grad_norm_` uses `clip / (norm + 1e-6)`.
 HF's `padding_idx` (the pad token's lookups give its row no gradient) is the model's own (`opt_tf.modeling`).
 
 Keras' accumulation averages the micro-batches' mean losses; the protocol's mean over all loss terms of the step is
@@ -125,6 +124,25 @@ class DenseAdamW(keras.optimizers.AdamW):
     def apply(self, grads, trainable_variables=None):
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         return super().apply(grads, trainable_variables)
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Keras' Adam step with epsilon where torch's AdamW (and HF's) adds it: to the bias-corrected sqrt(v),
+        i.e. `epsilon * sqrt(1 - beta_2**t)` beside Keras' uncorrected sqrt(v). Keras adds epsilon to sqrt(v)
+        itself, 1 / sqrt(1 - beta_2**t) times more (31.6x at the first step with beta_2 = 0.999): a weight whose
+        gradients are near epsilon moves a different share of the rate (measured: opt-125m's fp32 loss 3e-3 away
+        from torch's after a few steps, through its 50272 embedding rows, most with tiny gradients)."""
+        dtype = variable.dtype
+        gradient = keras.ops.cast(gradient, dtype)
+        step = keras.ops.cast(self.iterations + 1, dtype)
+        beta_1_power = keras.ops.power(keras.ops.cast(self.beta_1, dtype), step)
+        beta_2_power = keras.ops.power(keras.ops.cast(self.beta_2, dtype), step)
+        m = self._momentums[self._get_variable_index(variable)]
+        v = self._velocities[self._get_variable_index(variable)]
+        correction = keras.ops.sqrt(1 - beta_2_power)
+        alpha = keras.ops.cast(learning_rate, dtype) * correction / (1 - beta_1_power)
+        self.assign_add(m, (gradient - m) * (1 - self.beta_1))
+        self.assign_add(v, (keras.ops.square(gradient) - v) * (1 - self.beta_2))
+        self.assign_sub(variable, m * alpha / (keras.ops.sqrt(v) + self.epsilon * correction))
 
 
 def build_optimizer(options: TrainOptions, model: keras.Model) -> keras.optimizers.AdamW:
