@@ -569,14 +569,16 @@ def read_adapter(
 
 
 def load_adapter_tensors(
-    name_or_path: str | os.PathLike, config: OPTConfig, head: str, **hub: Any
+    name_or_path: str | os.PathLike, config: OPTConfig, head: str, is_trainable: bool = False, **hub: Any
 ) -> tuple[AdapterPlan, dict[str, np.ndarray]]:
     """An adapter folder or hub id read for a model of `config` and `head`: its plan and canonical tensors.
 
     Args:
+        is_trainable: recorded as PEFT does, in the config's inference_mode (its opposite).
         hub: revision, cache_dir, local_files_only, token for a hub id.
     """
     lora_config, file_tensors, source = read_adapter(name_or_path, **hub)
+    lora_config = dataclasses.replace(lora_config, inference_mode=not is_trainable)
     plan = plan_adapter(lora_config, config, head)
     return plan, from_file_tensors(plan, file_tensors, source)
 
@@ -655,3 +657,80 @@ def merge_checkpoint(
 
 
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# ----- the model methods every framework shares
+
+
+class AdapterMethods:
+    """PEFT's adapter methods (named as HF transformers' PEFT integration) written once for the three frameworks.
+
+    A framework's mixin provides `config`, `head`, `peft_config` ({adapter name: LoraConfig}),
+    `trainable_parameters()`, `adapter_arrays(adapter_name)` ((plan, canonical tensors) of an adapter, default the
+    active one) and `_attach_adapter(name, plan, tensors, trainable)`, which puts an adapter on the model and
+    activates it; `tensors` holds the LoRA pairs and any saved parameters the adapter brings (a fresh adapter's
+    modules_to_save copies and trained biases start from the model's current values).
+    """
+
+    def add_adapter(self, config: LoraConfig | Mapping[str, Any], adapter_name: str = "default", seed: int = 0):
+        """Adds a fresh adapter (PEFT's initialisation drawn from `seed`: the same numbers in every framework),
+        activates it and enables adapters; only its LoRA tensors, modules_to_save copies and trained biases train.
+
+        Args:
+            config: a LoraConfig, or its adapter_config.json keys as a dict.
+            adapter_name: a name no adapter of this model has (ValueError otherwise).
+            seed: of the LoRA tensors' draws.
+        """
+        if isinstance(config, Mapping):
+            config = LoraConfig.from_dict(config)
+        if not isinstance(config, LoraConfig):
+            raise ConfigError(f"add_adapter takes a LoraConfig or a dict, got {type(config).__name__}")
+        self._check_new_adapter_name(adapter_name)
+        plan = plan_adapter(config, self.config, self.head)
+        self._attach_adapter(adapter_name, plan, init_lora_weights(plan, seed), trainable=True)
+
+    def load_adapter(
+        self,
+        path_or_hub_id: str | os.PathLike,
+        adapter_name: str = "default",
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        is_trainable: bool = False,
+    ) -> None:
+        """Loads a PEFT adapter folder or hub repository and makes it the active adapter. The biases it trained
+        (bias "all" or "lora_only") are the model's biases while it acts, as in PEFT; the base's own come back when
+        the adapters are disabled or it is deleted.
+
+        Args:
+            path_or_hub_id: a folder with adapter_config.json and adapter_model.safetensors (or .bin), or a hub id.
+            adapter_name: a name no adapter of this model has (ValueError otherwise).
+            revision, token, local_files_only, cache_dir: for a hub id (huggingface_hub's meanings).
+            is_trainable: keep its tensors trainable (PEFT loads adapters frozen, for inference, by default).
+        """
+        self._check_new_adapter_name(adapter_name)
+        hub = dict(revision=revision, token=token, local_files_only=local_files_only, cache_dir=cache_dir)
+        plan, tensors = load_adapter_tensors(path_or_hub_id, self.config, self.head, is_trainable, **hub)
+        self._attach_adapter(adapter_name, plan, tensors, trainable=is_trainable)
+
+    def save_adapter(
+        self, path: str | os.PathLike, adapter_name: str | None = None, safe_serialization: bool = True
+    ) -> Path:
+        """Writes an adapter (default: the active one) as PEFT does: adapter_config.json and
+        adapter_model.safetensors (`.bin` with safe_serialization=False), which PEFT and every framework here load.
+        Returns the folder."""
+        plan, tensors = self.adapter_arrays(adapter_name)
+        base = None if plan.config.base_model_name_or_path else getattr(self, "name_or_path", None)
+        return write_adapter(path, plan, tensors, safe_serialization=safe_serialization, base_model_name_or_path=base)
+
+    def print_trainable_parameters(self) -> None:
+        """Prints PEFT's line: trainable params: N || all params: M || trainable%: P."""
+        print(self.trainable_parameters())
+
+    def _check_new_adapter_name(self, adapter_name: str) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"an adapter name must be a non-empty string, got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"this model already has an adapter named {adapter_name!r}; delete it or pick another")

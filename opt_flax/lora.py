@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -53,14 +52,10 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from opt_core.adapters import (
+    AdapterMethods,
     AdapterPlan,
     LoraConfig,
     ParameterCount,
-    from_file_tensors,
-    init_lora_weights,
-    plan_adapter,
-    read_adapter,
-    write_adapter,
 )
 from opt_core.weights import DENSE_WEIGHT, module_path, parameter_specs, style_name, to_style_layout
 
@@ -304,70 +299,14 @@ class _LoraState:
     originals: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # base values a merge wrote over
 
 
-class LoraMixin:
+class LoraMixin(AdapterMethods):
     """PEFT's adapter methods (named as in HF transformers' PEFT integration) for `FlaxPreTrainedOPT`, which
-    provides `config`, `head` and `params`. See the module docstring for where the adapter's tensors live."""
+    provides `config`, `head` and `params`; `add_adapter`, `load_adapter`, `save_adapter` are
+    `opt_core.adapters.AdapterMethods`'. See the module docstring for where the adapter's tensors live."""
 
     _lora: _LoraState | None = None
 
     # ----- adding, loading, saving
-
-    def add_adapter(self, config: LoraConfig | Mapping, adapter_name: str = "default", seed: int = 0) -> None:
-        """Adds a fresh LoRA adapter (`init_lora_weights(plan, seed)`: the numbers every framework starts from),
-        activates it and enables adapters. Its modules_to_save copies and trained biases start as the model's
-        current values; only the adapter's tensors are trainable (`trainable_mask`).
-
-        Args:
-            config: a LoraConfig, or a dict of adapter_config.json keys.
-            adapter_name: the adapter's name; ValueError if the model has one of that name.
-            seed: seeds the LoRA tensors.
-        """
-        self._check_new_name(adapter_name)
-        config = config if isinstance(config, LoraConfig) else LoraConfig.from_dict(config)
-        plan = plan_adapter(config, self.config, self.head)
-        self._unmerge_before("adding an adapter")
-        flat = flatten_dict(self.params, sep="/")  # the base's own values sit at the base keys
-        saved = {}
-        for name, (_, base, kind) in self._saved(plan).items():
-            saved[name] = to_style_layout(np.asarray(jax.device_get(flat[base])), kind, "flax")
-        self._register(adapter_name, plan, {**init_lora_weights(plan, seed), **saved}, trainable=True)
-
-    def load_adapter(
-        self,
-        path_or_hub_id: str | os.PathLike,
-        adapter_name: str = "default",
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool | None = None,
-        is_trainable: bool = False,
-        cache_dir: str | os.PathLike | None = None,
-    ) -> None:
-        """Loads a PEFT adapter (adapter_config.json + adapter_model.safetensors or .bin) from a folder or the
-        hub, activates it and enables adapters.
-
-        Args:
-            path_or_hub_id: the adapter's folder or hub repository.
-            adapter_name: its name here; ValueError if the model has one of that name.
-            revision, token, local_files_only, cache_dir: for a hub id (huggingface_hub's meanings).
-            is_trainable: False (PEFT's default: inference) leaves `trainable_parameters` and this model's
-                `trainable_mask` with nothing trainable; True to continue training it.
-        """
-        self._check_new_name(adapter_name)
-        hub = dict(revision=revision, token=token, local_files_only=local_files_only, cache_dir=cache_dir)
-        config, file_tensors, source = read_adapter(path_or_hub_id, **hub)
-        plan = plan_adapter(config, self.config, self.head)
-        tensors = from_file_tensors(plan, file_tensors, source)
-        self._register(adapter_name, plan, tensors, trainable=is_trainable)
-
-    def save_adapter(
-        self, path: str | os.PathLike, adapter_name: str | None = None, safe_serialization: bool = True
-    ) -> None:
-        """Writes the adapter (default the active one) as PEFT does: adapter_config.json and
-        adapter_model.safetensors (`safe_serialization=False`: adapter_model.bin), loadable by PEFT."""
-        plan, tensors = self.adapter_arrays(adapter_name)
-        base = None if plan.config.base_model_name_or_path else getattr(self, "name_or_path", None)
-        write_adapter(path, plan, tensors, safe_serialization=safe_serialization, base_model_name_or_path=base)
 
     def adapter_arrays(self, adapter_name: str | None = None) -> tuple[AdapterPlan, dict[str, np.ndarray]]:
         """(plan, {canonical name: torch-layout numpy array}) of an adapter (default the active one): its LoRA
@@ -497,19 +436,21 @@ class LoraMixin:
                 trainable += plan.num_lora_parameters() + copies + biases
         return ParameterCount(trainable, total)
 
-    def print_trainable_parameters(self) -> None:
-        """Prints PEFT's line: trainable params: N || all params: M || trainable%: P."""
-        print(self.trainable_parameters())
-
     # ----- bookkeeping: the active adapter's leaves in or out of the params
 
-    def _register(self, name: str, plan: AdapterPlan, tensors: Mapping, trainable: bool) -> None:
+    def _attach_adapter(self, name: str, plan: AdapterPlan, tensors: Mapping, trainable: bool) -> None:
+        """Registers the adapter and activates it; saved parameters `tensors` lacks (a fresh adapter's copies and
+        trained biases) start as the base's own values."""
         if self.params is None:
             raise ValueError("the model has no params yet (made with _do_init=False): load or set them first")
+        self._unmerge_before("adding an adapter")
+        flat = flatten_dict(self.params, sep="/")  # the base's own values sit at the base keys
+        tensors = dict(tensors)
+        for canonical, (_, base, kind) in self._saved(plan).items():
+            if canonical not in tensors:
+                tensors[canonical] = to_style_layout(np.asarray(jax.device_get(flat[base])), kind, "flax")
         if self._lora is None:
             self._lora = _LoraState()
-        self._unmerge_before("adding an adapter")
-        flat = flatten_dict(self.params, sep="/")
         leaves = {k: _place(k, v, flat) for k, v in to_leaves(plan, tensors, self.config, flat).items()}
         self._detach()
         self._lora.adapters[name] = _Adapter(plan, leaves, trainable)
@@ -567,12 +508,6 @@ class LoraMixin:
                 "while it was active must keep them (or call disable_adapters() before setting base params)"
             )
         return {key: flat[key] for key in keys}
-
-    def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
-        if self._lora is not None and name in self._lora.adapters:
-            raise ValueError(f"the model already has an adapter named {name!r}")
 
     def _adapter(self, name: str) -> _Adapter:
         adapters = self._lora.adapters if self._lora is not None else {}

@@ -38,7 +38,6 @@ import functools
 import itertools
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -48,18 +47,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from opt_core.adapters import (  # noqa: E402
+    AdapterMethods,
     AdapterPlan,
     LoraConfig,
     LoraSlot,
     ParameterCount,
-    from_file_tensors,
-    init_lora_weights,
     lora_delta,
-    plan_adapter,
-    read_adapter,
-    write_adapter,
 )
-from opt_core.errors import ConfigError  # noqa: E402
 from opt_core.weights import LEAF_RULES, kind_of, to_style_layout  # noqa: E402
 
 _SERIALS = itertools.count()  # tells a re-added adapter of the same name from the one compiled programs captured
@@ -288,69 +282,11 @@ def trace_key(model) -> tuple | None:
 # ----- the model methods, named as HF transformers' PEFT integration
 
 
-class LoraMixin:
+class LoraMixin(AdapterMethods):
     """LoRA adapters in PEFT's format for `PreTrainedOPT` (which supplies `config`, `head`, `keras_layer`,
-    `keras_variable`)."""
+    `keras_variable`); `add_adapter`, `load_adapter`, `save_adapter` are `opt_core.adapters.AdapterMethods`'."""
 
     _lora: _LoraState | None = None
-
-    def add_adapter(self, config: LoraConfig | Mapping[str, Any], adapter_name: str = "default", seed: int = 0):
-        """Adds a fresh adapter (PEFT's initialisation, from `seed`: the same numbers in every framework), makes it
-        the active one and enables adapters. Freezes the base: only the adapter's LoRA tensors, its copies of
-        `modules_to_save` and the biases it trains stay trainable (compile the model afterwards to fit it).
-
-        Args:
-            config: a `LoraConfig`, or its `adapter_config.json` keys as a dict.
-            adapter_name: a name no adapter of this model has.
-            seed: of the LoRA tensors' draws.
-        """
-        if isinstance(config, Mapping):
-            config = LoraConfig.from_dict(config)
-        if not isinstance(config, LoraConfig):
-            raise ConfigError(f"add_adapter takes a LoraConfig or a dict, got {type(config).__name__}")
-        self._check_new_adapter_name(adapter_name)
-        plan = plan_adapter(config, self.config, self.head)
-        self._attach_adapter(adapter_name, plan, init_lora_weights(plan, seed), trainable=True)
-
-    def load_adapter(
-        self,
-        path_or_hub_id: str | os.PathLike,
-        adapter_name: str = "default",
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool | None = None,
-        is_trainable: bool = False,
-    ) -> None:
-        """Loads a PEFT adapter folder or hub repository and makes it the active adapter. The biases it trained
-        (bias "all" or "lora_only") are in the base biases while it acts, as PEFT's; the base's own come back when
-        the adapters are disabled or it is deleted.
-
-        Args:
-            path_or_hub_id: a folder with adapter_config.json and adapter_model.safetensors (or .bin), or a hub id.
-            adapter_name: a name no adapter of this model has.
-            revision, token, local_files_only: for a hub id (huggingface_hub's).
-            is_trainable: keep its tensors trainable (PEFT loads adapters frozen, for inference, by default).
-        """
-        self._check_new_adapter_name(adapter_name)
-        config, file_tensors, source = read_adapter(
-            path_or_hub_id, revision=revision, token=token, local_files_only=local_files_only
-        )
-        plan = plan_adapter(dataclasses.replace(config, inference_mode=not is_trainable), self.config, self.head)
-        tensors = from_file_tensors(plan, file_tensors, source)
-        self._attach_adapter(adapter_name, plan, tensors, trainable=is_trainable)
-
-    def save_adapter(
-        self, path: str | os.PathLike, adapter_name: str | None = None, safe_serialization: bool = True
-    ) -> Path:
-        """Writes an adapter (default: the active one) as PEFT does: adapter_config.json and
-        adapter_model.safetensors (`.bin` with safe_serialization=False), which PEFT and every framework here load.
-        Returns the folder."""
-        adapter = self._adapter(self._name_or_active(adapter_name))
-        # PEFT writes inference_mode=true into every adapter it saves.
-        plan = dataclasses.replace(adapter.plan, config=dataclasses.replace(adapter.plan.config, inference_mode=True))
-        tensors = self.adapter_arrays(adapter_name)[1]
-        return write_adapter(path, plan, tensors, safe_serialization=safe_serialization)
 
     def adapter_plan(self, adapter_name: str | None = None) -> AdapterPlan:
         """An adapter's plan (default: the active one's): the modules it wraps and the parameters it saves."""
@@ -500,16 +436,7 @@ class LoraMixin:
         size = lambda variables: sum(int(np.prod(v.shape)) for v in variables)  # noqa: E731
         return ParameterCount(size(self.trainable_weights), size(self.weights))
 
-    def print_trainable_parameters(self) -> None:
-        print(self.trainable_parameters())
-
     # ----- internals
-
-    def _check_new_adapter_name(self, adapter_name: str) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"an adapter name must be a non-empty string, got {adapter_name!r}")
-        if self._lora is not None and adapter_name in self._lora.adapters:
-            raise ValueError(f"this model already has an adapter named {adapter_name!r}; delete it or pick another")
 
     def _require_adapters(self) -> _LoraState:
         if self._lora is None:
