@@ -28,6 +28,7 @@ from opt_core.files import complete_interrupted_save
 from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, get_format
 from opt_core.generation import GENERATION_CONFIG_NAME, GenerationConfig, load_generation_config
 from opt_core.hub import resolve_model
+from opt_core.quantization import has_scales, with_quantization_config
 from opt_core.weights import fresh_parameter
 
 EMBED_TOKENS = "model.decoder.embed_tokens.weight"
@@ -164,9 +165,13 @@ def save_pretrained(
         dtype: cast the weights on the way out, one tensor at a time (default: as they are).
         extra_files: more {file name: bytes or text} committed with them (a trainer's optimizer state, the
             tokenizer's files), so that a crash never mixes them with another save's.
+
+    int8 quantized weights (`canonical` holding their scales, `opt_core.quantization`) are written with the
+    `quantization_config` in config.json; only this library reads that folder correctly (HF transformers warns
+    and computes with the int8 values as float weights).
     """
     saved = check_dtype(dtype) if dtype is not None else dtype_name(canonical[EMBED_TOKENS].dtype)
-    config = config.replace(dtype=saved)
+    config = with_quantization_config(config.replace(dtype=saved), has_scales(canonical))
     config.extra["architectures"] = [architecture]
     files: dict[str, bytes | str] = {CONFIG_NAME: config.to_json_string()}
     if generation_config is not None:
