@@ -146,6 +146,9 @@ def add_generate(sub) -> None:
 def _model_arguments(p) -> None:
     p.add_argument("--model", default=None, help="folder or hub id (default: the embedded model)")
     p.add_argument("--framework", choices=FRAMEWORK_CHOICES, default="torch")
+    p.add_argument(
+        "--quantize", choices=("int8",), default=None, help="int8 weight-only quantization (torch only so far)"
+    )
 
 
 def _load(args):
@@ -154,11 +157,26 @@ def _load(args):
 
     name = args.model or DEFAULT_MODEL
     adapter = getattr(args, "adapter", None)
-    status(f"loading {name}" + (f" with the adapter {adapter}" if adapter else "") + f" ({args.framework})")
-    model = load_causal_lm(args.framework, name, **({"adapter": adapter} if adapter else {}))
-    if adapter and args.merge:
+    merge = bool(adapter and args.merge)
+    quantize = getattr(args, "quantize", None)
+    options = {"adapter": adapter} if adapter else {}
+    if quantize and not merge:
+        options["quantize"] = quantize  # an unmerged adapter acts over the int8 base
+    shown = (f" with the adapter {adapter}" if adapter else "") + (f", {quantize}" if quantize else "")
+    status(f"loading {name}{shown} ({args.framework})")
+    model = load_causal_lm(args.framework, name, **options)
+    if merge and quantize:  # int8 weights cannot take a merge: merge in float, then quantize the merged weights
+        model.model.merge_and_unload().quantize(quantize)
+    elif merge:
         model.model.merge_adapter()
     return model, OPTTokenizer.from_pretrained(name)
+
+
+def _check_quantize(args) -> None:
+    if args.quantize and args.framework != "torch":
+        raise ConfigError(
+            f"--quantize {args.quantize} is implemented for --framework torch only so far, not {args.framework}"
+        )
 
 
 def _generation_options(args) -> dict:
@@ -190,6 +208,7 @@ def check_generate(args) -> None:
         raise ConfigError(message) from None
     if args.merge and not args.adapter:
         raise ConfigError("--merge merges an adapter: pass --adapter too")
+    _check_quantize(args)
     _check_model(args)
     _check_adapter(args.adapter)
 
@@ -299,6 +318,7 @@ def check_score(args) -> None:
         raise ConfigError(f"file {args.file} cannot be read as UTF-8 text: {error}") from None
     if not args.text:
         raise ConfigError(f"file {args.file} holds no text: nothing to score")
+    _check_quantize(args)
     _check_model(args)
 
 

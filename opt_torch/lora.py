@@ -84,8 +84,15 @@ class LoraLinear(nn.Linear):
                 del part[name]
         self.scaling.pop(name, None)
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's own output (an int8 base overrides it: `opt_torch.quantization.LoraInt8Linear`)."""
+        return F.linear(x, self.weight, self.bias)  # exactly nn.Linear's, so a disabled adapter is the base model
+
+    def check_merge(self) -> None:
+        """Raises when this layer cannot merge (an int8 base); called for every layer before any merges."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # exactly nn.Linear's, so a disabled adapter is the base model
+        out = self.base_forward(x)
         name = self.active_adapter
         if name is None or name == self.merged_adapter:  # merged: the weight already holds the delta
             return out
@@ -352,9 +359,11 @@ class LoraMixin:
             raise ValueError(f"cannot merge adapter {name!r}: the adapters are disabled (enable_adapters() first)")
         if state.merged == name:
             return
-        for layer in self._lora_layers():
-            if name in layer.lora_A:
-                layer.merge(name)
+        layers = [layer for layer in self._lora_layers() if name in layer.lora_A]
+        for layer in layers:
+            layer.check_merge()
+        for layer in layers:
+            layer.merge(name)
         state.merged = name
 
     def unmerge_adapter(self) -> None:
@@ -488,7 +497,8 @@ class LoraMixin:
     def _lora_layer(self, module_name: str) -> LoraLinear:
         module = self._submodule(module_name)
         if not isinstance(module, LoraLinear):
-            module = LoraLinear(module)
+            # An int8 layer (`opt_torch.quantization.Int8Linear`) names its own LoRA wrapper.
+            module = module.lora_wrapper() if hasattr(module, "lora_wrapper") else LoraLinear(module)
             self._replace(module_path(module_name, self.head), module)
         return module
 

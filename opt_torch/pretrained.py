@@ -10,6 +10,10 @@ checkpoint and assigns each parameter once in the target dtype, so the model is 
 
 LoRA adapters (`add_adapter`, `load_adapter`, ...) come from `opt_torch.lora.LoraMixin`; `canonical_state` and
 `save_pretrained` give the base model's weights only, never an adapter's tensors.
+
+int8 weight-only quantization (`quantize("int8")`, `from_pretrained(..., quantize="int8")`, or a folder saved
+quantized): the decoder's dense layers become `opt_torch.quantization.Int8Linear`; the rules and the file layout
+are `opt_core.quantization`.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from opt_core import dtypes
+from opt_core import dtypes, quantization
 from opt_core import pretrained as core
 from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError
 from opt_core.weights import module_path
 from opt_torch.cache import StaticKVCache
 from opt_torch.lora import AdapterState, LoraMixin, is_adapter_name
+from opt_torch.quantization import Int8Linear
 
 # The torch dtype of each name in `opt_core.dtypes.FLOAT_DTYPES` (float32, float16, bfloat16).
 TORCH_DTYPES = {name: getattr(torch, name) for name in dtypes.FLOAT_DTYPES}
@@ -133,7 +138,51 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         """{canonical name: numpy array} of every base parameter (tied ones once; a merged adapter's deltas
         included, an adapter's own tensors never)."""
         prefix = "model." if self.head == "base" else ""
-        return {prefix + k: torch_to_numpy(v) for k, v in self.state_dict().items() if not is_adapter_name(k)}
+        return {
+            prefix + k: torch_to_numpy(v.float() if _is_scale(k) else v)  # int8 scales are float32 on disk
+            for k, v in self.state_dict().items()
+            if not is_adapter_name(k)
+        }
+
+    # ----- int8 weight-only quantization
+
+    @property
+    def is_quantized(self) -> bool:
+        return any(isinstance(module, Int8Linear) for module in self.modules())
+
+    def quantize(self, method: str = "int8"):
+        """Quantizes the decoder's dense weights to int8 in place (`opt_core.quantization`: per output channel,
+        symmetric; embeddings, norms, biases and the heads stay float); returns the model.
+
+        The model then computes its dense layers with `torch.ops.aten._weight_int8pack_mm` on CPU
+        (`opt_torch.quantization`), and `save_pretrained` writes the int8 layout, which only this library reads
+        correctly. Adapters go on after quantizing (LoRA over the frozen int8 base).
+
+        Args:
+            method: "int8".
+        """
+        _check_quantize(method)
+        if self.adapter_state.plans:
+            raise ValueError("quantize the model before adding adapters: this one has " + str(list(self.peft_config)))
+        if self.is_quantized:
+            return self
+        for name in quantization.quantized_weight_names(self.config, self.head):
+            path = module_path(name.removesuffix(".weight"), self.head)
+            linear = self.get_submodule(path)
+            q, scale = quantization.quantize_int8(torch_to_numpy(linear.weight))
+            device = linear.weight.device
+            weight, scale = torch.from_numpy(q).to(device), torch.from_numpy(scale).to(device)
+            self._replace(path, Int8Linear.from_linear(linear, weight, scale))
+        self.config = quantization.with_quantization_config(self.config, True)
+        return self
+
+    def _int8_layers_on_meta(self) -> None:
+        """Empty Int8Linears (meta device) in place of the layers a quantized checkpoint holds int8."""
+        for name in quantization.quantized_weight_names(self.config, self.head):
+            path = module_path(name.removesuffix(".weight"), self.head)
+            linear = self.get_submodule(path)
+            int8 = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+            self._replace(path, int8)
 
     # ----- loading
 
@@ -148,6 +197,7 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         device: str | torch.device | None = None,
         adapter: str | os.PathLike | None = None,
         adapter_name: str = "default",
+        quantize: str | None = None,
         **kwargs: Any,
     ):
         """Loads a model from a local folder, the HF cache, or the hub; with `adapter`, then a PEFT LoRA adapter.
@@ -161,6 +211,9 @@ class PreTrainedOPT(LoraMixin, nn.Module):
             adapter: a PEFT adapter folder or hub id, loaded after the base (`load_adapter`; its tensors stay
                 float32), with the hub options `token` and `local_files_only` given here.
             adapter_name: the adapter's name.
+            quantize: "int8" quantizes the dense weights while loading (`quantize`), never holding them in float
+                as tensors. A folder saved quantized (its config.json's `quantization_config`) loads int8
+                whatever this says; `dtype` then applies to the weights that stay float.
             **kwargs: the loading options every framework shares (`opt_core.pretrained.load_pretrained`): `config`
                 (instead of the folder's config.json), `fmt` (the format to read when the folder holds several),
                 `revision`, `cache_dir`, `local_files_only`, `token` (huggingface_hub, for hub ids), and config
@@ -168,11 +221,19 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         """
         # torch.manual_seed controls a fresh head's init; the seed is drawn only when a head is missing.
         seed = lambda: int(torch.randint(2**31 - 1, ()).item())  # noqa: E731
+        if quantize is not None:
+            _check_quantize(quantize)
         loaded = core.load_pretrained(name_or_path, cls.head, seed=seed, **kwargs)
+        config, tensors = loaded.config, loaded.tensors
+        if quantize is not None and not quantization.has_scales(tensors):
+            tensors = quantization.quantize_state(tensors, config, cls.head)
+            config = quantization.with_quantization_config(config, True)
         target = resolve_dtype(dtype if dtype is not None else torch_dtype, loaded.stored_dtype)
         with torch.device("meta"):
-            model = cls(loaded.config)
-        model._assign(loaded.tensors, target, device)
+            model = cls(config)
+        if quantization.has_scales(tensors):
+            model._int8_layers_on_meta()
+        model._assign(tensors, target, device)
         if hasattr(model, "generate"):
             model.generation_config = loaded.generation_config
         model.set_attn_implementation(attn_implementation)
@@ -184,7 +245,8 @@ class PreTrainedOPT(LoraMixin, nn.Module):
     def _assign(self, tensors: dict[str, np.ndarray], dtype: torch.dtype, device) -> None:
         device = torch.device(device or "cpu")
         state = {
-            module_path(name, self.head): numpy_to_torch(array, dtype).to(device) for name, array in tensors.items()
+            module_path(name, self.head): numpy_to_torch(array, _stored_as(name, array, dtype)).to(device)
+            for name, array in tensors.items()
         }
         result = self.load_state_dict(state, strict=False, assign=True)
         self.tie_weights()
@@ -210,7 +272,13 @@ class PreTrainedOPT(LoraMixin, nn.Module):
             safe_serialization: safetensors (the default, as HF PyTorch) or, when False, pytorch_model.bin.
             fmt: any format of `opt_core.formats` ("safetensors", "pytorch", "tf", "flax"); wins when given.
             max_shard_size: shard above this size ("5GB" = 5 * 10**9 bytes, "5GiB" = 5 * 2**30).
-            dtype: cast the weights on the way out (default: the model's dtype).
+            dtype: cast the weights on the way out (default: the model's dtype); of a quantized model, the
+                weights that stayed float.
+
+        A quantized model (`quantize`) is written in this library's int8 layout (`opt_core.quantization`:
+        safetensors only, int8 weights with `{module}.weight_scale` float32 scales, a `quantization_config` in
+        config.json). HF transformers cannot load such a folder correctly: 5.23 warns that it skips the unknown
+        quant_method and then computes with the int8 values as float weights (the scales ignored).
         """
         return core.save_pretrained(
             save_directory,
@@ -223,3 +291,19 @@ class PreTrainedOPT(LoraMixin, nn.Module):
             max_shard_size=max_shard_size,
             dtype=dtype,
         )
+
+
+def _check_quantize(method: Any) -> None:
+    if method not in quantization.QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(quantization.QUANTIZE_CHOICES)}, got {method!r}")
+
+
+def _is_scale(name: str) -> bool:
+    return name.endswith(".weight" + quantization.SCALE_SUFFIX)
+
+
+def _stored_as(name: str, array: np.ndarray, dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype a loaded tensor takes: int8 weights stay int8 and their scales float32; the rest `dtype`."""
+    if np.dtype(array.dtype) == np.int8:
+        return torch.int8
+    return torch.float32 if _is_scale(name) else dtype
