@@ -1,12 +1,17 @@
 """Greedy-decode speed: this project's frameworks against HF transformers' PyTorch OPT, in one run.
 
     python benchmarks/decode.py [--batch 1 8] [--new-tokens 128] [--prompt 16] [--frameworks torch torch-compile hf]
+                                [--quantize int8]
 
 opt-125m's shape with random weights in fp32, a 16-token prompt and 128 new tokens (eos disabled, so every run
 decodes the same number of tokens). For each framework: the first call's time (compilation included), then the best
 of `--repeats` timed calls, as new tokens per second, and the ratio to HF in the same run. The memory-bandwidth
 bound is the weight bytes each token reads (every parameter once; the tied embedding once, by the LM head) divided by
 the read bandwidth this script measures on the same machine.
+
+`--quantize int8` adds, for each of `torch` and `torch-compile` in `--frameworks`, a row of the same model loaded
+with `from_pretrained(..., quantize="int8")` (int8 weight-only, `opt_torch.quantization`); their ids are compared
+with the first framework's like every row's, and the bound column stays the fp32 bound.
 """
 
 from __future__ import annotations
@@ -72,14 +77,16 @@ def make_checkpoint(folder: Path) -> None:
 
 
 def runner(name: str, folder: Path):
-    """A function (ids: np.ndarray) -> np.ndarray running greedy decode for `name`."""
-    if name in ("torch", "torch-compile"):
+    """A function (ids: np.ndarray) -> np.ndarray running greedy decode for `name` ("torch-int8" and
+    "torch-compile-int8": the torch rows with int8 weights)."""
+    if name.removesuffix("-int8") in ("torch", "torch-compile"):
         import torch
 
         import opt_torch
 
-        model = opt_torch.OPTForCausalLM.from_pretrained(folder)
-        compiled = name == "torch-compile"
+        quantize = "int8" if name.endswith("-int8") else None
+        model = opt_torch.OPTForCausalLM.from_pretrained(folder, quantize=quantize)
+        compiled = name.startswith("torch-compile")
         return lambda ids, n: model.generate(
             torch.from_numpy(ids), max_new_tokens=n, eos_token_id=None, compile=compiled
         ).numpy()
@@ -125,8 +132,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frameworks", nargs="+", default=["hf", "torch", "tf", "flax"])
+    parser.add_argument("--quantize", choices=("int8",), help="also run the torch rows with int8 weights")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.quantize:
+        torch_rows = [name for name in args.frameworks if name in ("torch", "torch-compile")]
+        args.frameworks += [f"{name}-{args.quantize}" for name in torch_rows]
 
     import torch
 
@@ -153,14 +164,14 @@ def main() -> None:
                 ids = result.pop("ids")
                 same = reference.setdefault(batch, ids) is ids or np.array_equal(reference[batch], ids)
                 results.append({"framework": name, "batch": batch, **result, "same_ids_as_first": bool(same)})
-    print(f"\n{'framework':<14}{'batch':>6}{'first call s':>14}{'tokens/s':>10}{'x HF':>7}{'of bound':>10}  same ids")
+    print(f"\n{'framework':<20}{'batch':>6}{'first call s':>14}{'tokens/s':>10}{'x HF':>7}{'of bound':>10}  same ids")
     for row in results:
         hf = next((r for r in results if r["framework"] == "hf" and r["batch"] == row["batch"]), None)
         ratio = row["tokens_per_s"] / hf["tokens_per_s"] if hf else float("nan")
         row["ratio_to_hf"] = ratio
         of_bound = row["tokens_per_s"] / row["batch"] / bound if row["batch"] == 1 else float("nan")
         print(
-            f"{row['framework']:<14}{row['batch']:>6}{row['first_call_s']:>14.2f}{row['tokens_per_s']:>10.1f}"
+            f"{row['framework']:<20}{row['batch']:>6}{row['first_call_s']:>14.2f}{row['tokens_per_s']:>10.1f}"
             f"{ratio:>7.2f}{of_bound:>10.0%}  {row['same_ids_as_first']}"
         )
     if args.json:
