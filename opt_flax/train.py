@@ -18,6 +18,7 @@ Siblings: `opt_torch/train.py`, `opt_tf/train.py`. Entry point: `train(options)`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,9 @@ LOSSES = {
 
 
 class FlaxTrainer:
-    """`opt_core.training.Trainer` in Flax: the model's params and the optax state, with jit'd steps.
+    """`opt_core.training.Trainer` in Flax: the model's params and the optax state, with jit'd steps. A step
+    donates the params and state it is given (XLA reuses their buffers), so arrays taken from `model.params` before
+    a step are gone after it; `model.params` always holds the current ones.
 
     Args:
         model: a Flax OPT model with a task head.
@@ -272,7 +275,9 @@ def _make_steps(model, optimizer: optax.GradientTransformation, dropout: bool, m
         losses, counts = loss_terms(out, batch, model.config)
         return losses.sum(), counts.sum().astype(jnp.float32)
 
-    @jax.jit
+    # The params and optimizer state are donated: the step writes its results into their buffers instead of
+    # holding a second copy of both (with an adapter, the frozen base's leaves pass through in place).
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, batch, learning_rate, key):
         accumulation = jax.tree.leaves(batch)[0].shape[0]
 

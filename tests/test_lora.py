@@ -621,7 +621,8 @@ def test_flax_trainer_updates_only_the_adapter_and_saves_it_as_peft_does(hf_chec
         return FlaxTrainer(model, options)
 
     first = trainer()
-    model, before, trained = first.model, first.params, jax.tree.leaves(first.mask)
+    # A copy: the train step donates (consumes) the params it is given.
+    model, before, trained = first.model, jax.tree.map(np.array, first.params), jax.tree.leaves(first.mask)
     assert sum(trained) == 4 * 2 + 1 + 2 * 2  # q_proj, fc1 x (A, B) x 2 layers, the score copy, their biases
     ids, mask = sample_batch()
     batch = {"input_ids": ids[None], "attention_mask": mask[None], "labels": np.array([[0, 1, 2]])}
