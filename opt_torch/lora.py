@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,14 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from opt_core.adapters import (
+    AdapterMethods,
     AdapterPlan,
     LoraConfig,
     ParameterCount,
-    from_file_tensors,
-    init_lora_weights,
-    plan_adapter,
-    read_adapter,
-    write_adapter,
 )
 from opt_core.weights import module_path
 
@@ -216,61 +210,14 @@ class AdapterState:
         return self.active if self.enabled else None
 
 
-class LoraMixin:
+class LoraMixin(AdapterMethods):
     """LoRA adapters on a PyTorch OPT model, named as HF transformers' PEFT integration (`add_adapter`,
-    `load_adapter`, `set_adapter`, ...). The host sets `self.adapter_state = AdapterState()` in its __init__ and
-    has `config` and `head`."""
+    `load_adapter`, `save_adapter` are `opt_core.adapters.AdapterMethods`'; `set_adapter`, ... are here). The host
+    sets `self.adapter_state = AdapterState()` in its __init__ and has `config` and `head`."""
 
     adapter_state: AdapterState
 
     # ----- adding, loading, saving
-
-    def add_adapter(self, adapter_config: LoraConfig | dict, adapter_name: str = "default", seed: int = 0) -> None:
-        """Adds a fresh trainable adapter (values from `opt_core.adapters.init_lora_weights(plan, seed)`, the same
-        in every framework), activates it and freezes everything else.
-
-        Args:
-            adapter_config: a LoraConfig or its adapter_config.json keys.
-            adapter_name: its name; ValueError if the model has one of that name.
-            seed: seeds the LoRA values.
-        """
-        if not isinstance(adapter_config, LoraConfig):
-            adapter_config = LoraConfig.from_dict(adapter_config)
-        self._check_new_name(adapter_name)
-        plan = plan_adapter(adapter_config, self.config, self.head)
-        self._install(adapter_name, plan, init_lora_weights(plan, seed), trainable=True)
-
-    def load_adapter(
-        self,
-        path_or_hub_id: str | os.PathLike,
-        adapter_name: str = "default",
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool | None = None,
-        is_trainable: bool = False,
-    ) -> None:
-        """Loads a PEFT adapter folder or hub repository and activates it.
-
-        Args:
-            path_or_hub_id: a folder with adapter_config.json and adapter_model.safetensors (or .bin), or a hub id.
-            adapter_name: its name here; ValueError if the model has one of that name.
-            revision, token, local_files_only: for a hub id.
-            is_trainable: leave its tensors trainable (default: frozen, for inference).
-        """
-        self._check_new_name(adapter_name)
-        hub = dict(revision=revision, token=token, local_files_only=local_files_only)
-        lora_config, file_tensors, source = read_adapter(path_or_hub_id, **hub)
-        plan = plan_adapter(lora_config, self.config, self.head)
-        self._install(adapter_name, plan, from_file_tensors(plan, file_tensors, source), trainable=is_trainable)
-
-    def save_adapter(
-        self, path: str | os.PathLike, adapter_name: str | None = None, safe_serialization: bool = True
-    ) -> Path:
-        """Writes an adapter (default: the active one) as PEFT does: adapter_config.json and
-        adapter_model.safetensors (or adapter_model.bin), atomically; returns the folder."""
-        plan, tensors = self.adapter_arrays(adapter_name)
-        return write_adapter(path, plan, tensors, safe_serialization=safe_serialization)
 
     def adapter_arrays(self, adapter_name: str | None = None) -> tuple[AdapterPlan, dict[str, np.ndarray]]:
         """An adapter's plan and its tensors as canonical numpy arrays (`opt_core.adapters` names, torch layout):
@@ -400,12 +347,9 @@ class LoraMixin:
         params = list(self.parameters())
         return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
-    def print_trainable_parameters(self) -> None:
-        print(self.trainable_parameters())
-
     # ----- internals
 
-    def _install(self, name: str, plan: AdapterPlan, tensors: dict[str, np.ndarray], trainable: bool) -> None:
+    def _attach_adapter(self, name: str, plan: AdapterPlan, tensors: dict[str, np.ndarray], trainable: bool) -> None:
         """Puts adapter `name` on the model with `tensors` (LoRA pairs; saved parameters where given, else the
         base's current values) and activates it."""
         state = self.adapter_state
@@ -515,11 +459,10 @@ class LoraMixin:
     def _base_parameter(self, canonical: str) -> nn.Parameter:
         return self.get_parameter(module_path(canonical, self.head))
 
-    def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
-        if name in self.adapter_state.plans:
-            raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter({name!r}) first")
+    def _check_new_adapter_name(self, adapter_name: str) -> None:
+        super()._check_new_adapter_name(adapter_name)
+        if "." in adapter_name:  # it names torch submodules (lora_A[adapter_name])
+            raise ValueError(f"an adapter name cannot contain dots, got {adapter_name!r}")
 
     def _known(self, name: str | None) -> str:
         if name is None:
