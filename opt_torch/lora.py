@@ -35,6 +35,7 @@ from opt_core.adapters import (
     ParameterCount,
 )
 from opt_core.weights import module_path
+from opt_torch.arrays import torch_to_numpy
 
 # Parameter-name parts that belong to an adapter, never to the base model (PEFT's internal names).
 ADAPTER_PARTS = ("lora_A", "lora_B", "lora_dropout", "modules_to_save")
@@ -222,8 +223,6 @@ class LoraMixin(AdapterMethods):
     def adapter_arrays(self, adapter_name: str | None = None) -> tuple[AdapterPlan, dict[str, np.ndarray]]:
         """An adapter's plan and its tensors as canonical numpy arrays (`opt_core.adapters` names, torch layout):
         the LoRA pairs, modules_to_save copies and trained biases."""
-        from opt_torch.pretrained import torch_to_numpy  # pretrained.py imports this module
-
         name = self._known(adapter_name or self.adapter_state.active)
         state = self.adapter_state
         params = self.adapter_parameters(name)

@@ -19,11 +19,9 @@ are `opt_core.quantization`.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import torch
 from torch import nn
@@ -33,6 +31,7 @@ from opt_core import pretrained as core
 from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError
 from opt_core.weights import module_path
+from opt_torch.arrays import numpy_to_torch, torch_to_numpy
 from opt_torch.cache import StaticKVCache
 from opt_torch.lora import AdapterState, LoraMixin, is_adapter_name
 from opt_torch.quantization import Int8Linear
@@ -44,27 +43,6 @@ TORCH_DTYPES = {name: getattr(torch, name) for name in dtypes.FLOAT_DTYPES}
 def resolve_dtype(dtype: Any, stored: np.dtype | None) -> torch.dtype:
     """float32 by default whatever the checkpoint stores; "auto" keeps the stored dtype (`opt_core.dtypes`)."""
     return TORCH_DTYPES[dtypes.resolve_dtype(dtype, stored)]
-
-
-def numpy_to_torch(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A new contiguous tensor of `dtype` from a (possibly read-only, memory-mapped, strided) array."""
-    if array.dtype == ml_dtypes.bfloat16:
-        array = array.view(np.int16)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only arrays: we copy below, never write
-            tensor = torch.from_numpy(array).view(torch.bfloat16)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.from_numpy(array)
-    return tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-
-
-def torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
 
 
 class PreTrainedOPT(LoraMixin, nn.Module):

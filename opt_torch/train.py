@@ -45,9 +45,9 @@ from opt_core.training import (
     fresh_config,
     train_with,
 )
+from opt_torch.arrays import numpy_to_torch, torch_to_numpy
 from opt_torch.lora import is_adapter_name
 from opt_torch.modeling import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
-from opt_torch.pretrained import numpy_to_torch, torch_to_numpy
 
 TrainConfig = TrainOptions  # the name `opt-lm train` and older callers use (as in opt_flax.train)
 OPTIMIZER_NAME = "optimizer.safetensors"
