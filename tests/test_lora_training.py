@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BASE, FP32_ATOL, randomize_
+from conftest import BASE, FP32_ATOL
 from frameworks import ADAPTERS
-from test_train_torch import CUES, classification_rows, sentence
+from test_train_torch import classification_rows, hf_checkpoints, sentence
 
 from opt_core.adapters import CONFIG_NAME, SAFETENSORS_NAME, init_lora_weights, plan_adapter
 from opt_core.config import OPTConfig
@@ -52,21 +52,7 @@ def files(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, files) -> dict:
-    """{task: folder}: HF's tiny OPT of the tokenizer's vocabulary with the task's head, random weights."""
-    import transformers
-
-    vocab = len(OPTTokenizer.from_pretrained(files["tokenizer"]))
-    folders = {}
-    for task, name in HF_CLASSES.items():
-        torch.manual_seed(0)
-        config = transformers.OPTConfig(**{**BASE, "vocab_size": vocab}, num_labels=len(CUES))
-        model = getattr(transformers, name)._from_config(config)
-        randomize_(model, seed=1)
-        if task == "causal-lm":
-            model.tie_weights()
-        folders[task] = Path(tmp_path_factory.mktemp(f"lora_hf_{name}"))
-        model.save_pretrained(folders[task])
-    return folders
+    return hf_checkpoints(tmp_path_factory, files["tokenizer"], HF_CLASSES)
 
 
 def lora_options(files, checkpoints, task: str, output: Path) -> TrainOptions:

@@ -125,15 +125,14 @@ def files(tmp_path_factory) -> dict:
     return {"causal-lm": text, "sequence-classification": labelled, "question-answering": squad, "tokenizer": tokenizer}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, files) -> dict:
-    """{task: folder}: HF transformers' tiny OPT of the tokenizer's vocabulary, with the task's head, random
-    weights everywhere (HF's init leaves biases 0 and norms 1), saved by HF."""
+def hf_checkpoints(tmp_path_factory, tokenizer_folder: Path, classes: dict[str, str]) -> dict[str, Path]:
+    """{task: folder}: HF transformers' tiny OPT of the tokenizer's vocabulary, with the task's head (`classes`:
+    {task: HF class name}), random weights everywhere (HF's init leaves biases 0 and norms 1), saved by HF."""
     import transformers
 
-    vocab = len(OPTTokenizer.from_pretrained(files["tokenizer"]))
+    vocab = len(OPTTokenizer.from_pretrained(tokenizer_folder))
     folders = {}
-    for task, name in HF_CLASSES.items():
+    for task, name in classes.items():
         torch.manual_seed(0)
         config = transformers.OPTConfig(**{**BASE, "vocab_size": vocab}, num_labels=len(CUES))
         model = getattr(transformers, name)._from_config(config)
@@ -143,6 +142,11 @@ def checkpoints(tmp_path_factory, files) -> dict:
         folders[task] = Path(tmp_path_factory.mktemp(f"hf_{name}"))
         model.save_pretrained(folders[task])
     return folders
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, files) -> dict:
+    return hf_checkpoints(tmp_path_factory, files["tokenizer"], HF_CLASSES)
 
 
 def task_options(files: dict, task: str, output: Path, init_from, **changes) -> TrainOptions:
