@@ -117,5 +117,5 @@ def _with_scales(tensors: dict, canonical: Mapping[str, np.ndarray], dtype: np.d
             array = LazyTensor.wrap(array, name).astype(dtype)
         out[name] = array
         if scale is not None:
-            out[quantization.scale_name(name)] = scale
+            out[quantization.scale_name(name)] = quantization.file_scale(scale)
     return out

@@ -167,8 +167,7 @@ def save_pretrained(
             tokenizer's files), so that a crash never mixes them with another save's.
 
     int8 quantized weights (`canonical` holding their scales, `opt_core.quantization`) are written with the
-    `quantization_config` in config.json; only this library reads that folder correctly (HF transformers warns
-    and computes with the int8 values as float weights).
+    `quantization_config` in config.json, in compressed-tensors' layout, which HF transformers also reads.
     """
     saved = check_dtype(dtype) if dtype is not None else dtype_name(canonical[EMBED_TOKENS].dtype)
     config = with_quantization_config(config.replace(dtype=saved), has_scales(canonical))

@@ -13,12 +13,15 @@ int8), in numpy, and its on-disk layout. Quantized weights are another dtype of 
   untied head of opt-125m's shape would be a third of the weight bytes, so this is a trade worth revisiting for
   speed; no OPT checkpoint unties it. The classifier heads (C x E, 2 x E) hold a few kilobytes, so quantizing
   them would save nothing measurable.
-* On disk (safetensors, canonical torch names): the int8 tensor under the weight's own name, its scales beside it
-  as `{module}.weight_scale` (float32 [out]), and config.json's `quantization_config`
-  (`{"quant_method": "opt_lm_int8", "bits": 8, "scheme": "symmetric_per_channel", "modules": [...]}`).
-  Only this library reads the layout correctly. HF transformers 5.23 does not refuse it: it warns "Unknown
-  quantization type ... we will skip the quantization", reports the scales as unexpected keys and loads the int8
-  values as if they were float weights (tests/test_quantization.py holds that behaviour, so a change shows).
+* On disk: compressed-tensors' "naive-quantized" layout, the one HF transformers (through the
+  `compressed-tensors` package) and vLLM read. In safetensors under canonical torch names, the int8 tensor
+  under the weight's own name and its float32 scales beside it as `{module}.weight_scale`, shaped [out, 1];
+  config.json's `quantization_config` says `quant_method: "compressed-tensors"`, `format: "naive-quantized"`,
+  and one group targeting `Linear` with int 8-bit symmetric per-channel weights and float activations; the
+  heads are in `ignore`. HF transformers 5.23 with compressed-tensors 0.20 loads such a folder and gives the
+  logits of the dequantized float model exactly (tests/test_quantization.py checks it); without that package
+  HF refuses the folder and says to install it. Folders this library wrote before (quant_method
+  `opt_lm_int8`, scales [out]) still load.
 
 `split_scales` and `check_quantized` are the loading side (`opt_core.checkpoint.load_checkpoint`): they take the
 scales out of a file's tensors before the table's name and shape checks, and check every int8 weight and scale
@@ -36,9 +39,11 @@ from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError, ConfigError
 from opt_core.weights import DENSE_WEIGHT, parameter_specs
 
-QUANT_METHOD = "opt_lm_int8"
-SCHEME = "symmetric_per_channel"
+QUANT_METHOD = "compressed-tensors"
+FORMAT = "naive-quantized"  # int8 values stored as int8, one per element (not packed into int32)
+LEGACY_METHOD = "opt_lm_int8"  # this library's first int8 layout: read, never written
 BITS = 8
+IGNORED = ["lm_head", "score", "qa_outputs"]  # HF's Linear modules that stay float: the heads
 SCALE_SUFFIX = "_scale"  # `fc1.weight` -> `fc1.weight_scale`
 CONFIG_KEY = "quantization_config"
 QUANTIZE_CHOICES = ("int8",)  # the values of `quantize=` and `--quantize`
@@ -78,37 +83,110 @@ def quantized_weight_names(config: OPTConfig, head: str) -> list[str]:
 
 
 def quantized_modules(config: OPTConfig) -> list[str]:
-    """The module leaf names config.json's `modules` lists, in table order (`q_proj`, `fc1`, ...)."""
+    """The module leaf names int8 quantization replaces, in table order (`q_proj`, `fc1`, ...)."""
     leaves = (name.rsplit(".", 2)[-2] for name in quantized_weight_names(config, "base"))
     return list(dict.fromkeys(leaves))
 
 
-def quantization_config(config: OPTConfig) -> dict[str, Any]:
-    """config.json's `quantization_config` of an int8 model of this config."""
-    return {"quant_method": QUANT_METHOD, "bits": BITS, "scheme": SCHEME, "modules": quantized_modules(config)}
+def _weight_args() -> dict[str, Any]:
+    """compressed-tensors' QuantizationArgs of the weights: int8, symmetric, one scale per output channel."""
+    return {
+        "num_bits": BITS,
+        "type": "int",
+        "symmetric": True,
+        "group_size": None,
+        "strategy": "channel",
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+
+
+def quantization_config(config: OPTConfig | None = None) -> dict[str, Any]:
+    """config.json's `quantization_config` of an int8 model: compressed-tensors' naive-quantized W8A16 scheme."""
+    group = {
+        "targets": ["Linear"],
+        "weights": _weight_args(),
+        "input_activations": None,
+        "output_activations": None,
+        "format": FORMAT,
+    }
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group},
+        "ignore": list(IGNORED),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }
 
 
 def is_quantized(config: OPTConfig) -> bool:
-    """Whether config.json says the weights are int8, after checking that this library can read what it says."""
+    """Whether config.json says the weights are int8, after checking that this library can compute what it says
+    (which tensors are int8 is checked against the file when it is read: `check_quantized`)."""
     found = config.extra.get(CONFIG_KEY)
     if found is None:
         return False
     if not isinstance(found, dict):
         raise ConfigError(f"config.json: {CONFIG_KEY} must be an object, got {found!r}")
     method = found.get("quant_method")
+    if method == LEGACY_METHOD:
+        return _check_legacy(found)
     if method != QUANT_METHOD:
         raise ConfigError(
-            f"config.json: {CONFIG_KEY} has quant_method {method!r}; this library reads only {QUANT_METHOD!r} "
-            "(its own int8 layout)"
+            f"config.json: {CONFIG_KEY}.quant_method is {method!r}; this library reads {QUANT_METHOD!r} int8 "
+            "weight-only checkpoints (per-channel symmetric, format naive-quantized)"
         )
-    expected = quantization_config(config)
-    for key in ("bits", "scheme"):
-        if found.get(key) != expected[key]:
-            raise ConfigError(f"config.json: {CONFIG_KEY}.{key} is {found.get(key)!r}; expected {expected[key]!r}")
-    modules = found.get("modules")
-    if not isinstance(modules, list) or sorted(map(str, modules)) != sorted(expected["modules"]):
+    _check_compressed_tensors(found)
+    return True
+
+
+def _check_compressed_tensors(found: dict) -> None:
+    """Refuses, by field, every compressed-tensors scheme other than int8 per-channel symmetric weight-only."""
+
+    def refuse(field: str, value: Any, wanted: Any) -> None:
         raise ConfigError(
-            f"config.json: {CONFIG_KEY}.modules is {modules!r}; this library quantizes {expected['modules']}"
+            f"config.json: {CONFIG_KEY}.{field} is {value!r}; this library reads only {wanted!r} "
+            "(int8 per-channel symmetric weights, float activations, format naive-quantized)"
+        )
+
+    if found.get("format", FORMAT) != FORMAT:
+        refuse("format", found.get("format"), FORMAT)
+    for key in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+        if found.get(key):
+            refuse(key, found[key], None)
+    groups = found.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        refuse("config_groups", groups, "one group")
+    ((name, group),) = groups.items()
+    if not isinstance(group, dict):
+        refuse(f"config_groups.{name}", group, "an object")
+    if group.get("format") not in (None, FORMAT):
+        refuse(f"config_groups.{name}.format", group.get("format"), FORMAT)
+    for key in ("input_activations", "output_activations"):
+        if group.get(key) is not None:
+            refuse(f"config_groups.{name}.{key}", group[key], None)
+    weights = group.get("weights")
+    if not isinstance(weights, dict):
+        refuse(f"config_groups.{name}.weights", weights, "an object")
+    wanted = {"num_bits": BITS, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+    for key, value in wanted.items():
+        if weights.get(key, value) != value:
+            refuse(f"config_groups.{name}.weights.{key}", weights.get(key), value)
+    if weights.get("group_size") not in (None, -1) or weights.get("actorder"):
+        refuse(f"config_groups.{name}.weights.group_size", weights.get("group_size"), None)
+
+
+def _check_legacy(found: dict) -> bool:
+    """This library's first layout: `{"quant_method": "opt_lm_int8", "bits": 8, "scheme":
+    "symmetric_per_channel", "modules": [...]}`, scales [out]."""
+    if found.get("bits") != BITS or found.get("scheme") != "symmetric_per_channel":
+        raise ConfigError(
+            f"config.json: {CONFIG_KEY} {LEGACY_METHOD!r} needs bits 8 and scheme 'symmetric_per_channel', got "
+            f"bits {found.get('bits')!r} and scheme {found.get('scheme')!r}"
         )
     return True
 
@@ -180,7 +258,17 @@ def check_quantized(
         problems += _check_pair(name, tensors.get(name), scales.get(scale_name(name)))
     problems += [f"{n}: int8, but not a quantized weight" for n in tensors if n not in targets and _is_int8(tensors[n])]
     _raise(source, problems)
-    return {**tensors, **{scale_name(n): scales[scale_name(n)] for n in targets if n in tensors}}
+    return {**tensors, **{scale_name(n): _vector(scales[scale_name(n)]) for n in targets if n in tensors}}
+
+
+def file_scale(scale: Any) -> np.ndarray:
+    """A weight's scales as written: float32 [out, 1] (compressed-tensors' per-channel shape)."""
+    return np.asarray(scale, dtype=np.float32).reshape(-1, 1)
+
+
+def _vector(scale: Any) -> np.ndarray:
+    """Scales as this library holds them: [out] (the file's [out, 1], or [out] from the legacy layout)."""
+    return np.asarray(scale).reshape(-1)
 
 
 def _check_pair(name: str, weight: Any, scale: Any) -> list[str]:
@@ -188,12 +276,12 @@ def _check_pair(name: str, weight: Any, scale: Any) -> list[str]:
         return []  # missing weights are match_checkpoint's to report
     if not _is_int8(weight):
         return [f"{name}: stored as {np.dtype(weight.dtype).name}; the {CONFIG_KEY} needs int8"]
-    label, want = scale_name(name), (weight.shape[0],)
+    label, want = scale_name(name), (weight.shape[0], 1)
     if scale is None:
         return [f"{label}: missing"]
     if np.dtype(scale.dtype) != np.float32:
         return [f"{label}: stored as {np.dtype(scale.dtype).name}; scales are float32"]
-    if tuple(scale.shape) != want:
+    if tuple(scale.shape) not in (want, want[:1]):
         return [f"{label}: shape {tuple(scale.shape)}, the weight needs {want}"]
     values = np.asarray(scale)
     if not (np.isfinite(values).all() and (values > 0).all()):

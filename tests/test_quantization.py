@@ -19,7 +19,13 @@ import pytest
 from conftest import FP32_ATOL, sample_batch
 
 from opt_core.errors import CheckpointError, ConfigError
-from opt_core.quantization import dequantize_int8, quantize_int8, quantized_weight_names, scale_name
+from opt_core.quantization import (
+    dequantize_int8,
+    quantization_config,
+    quantize_int8,
+    quantized_weight_names,
+    scale_name,
+)
 from opt_core.safetensors_file import read_safetensors, write_safetensors
 
 torch = pytest.importorskip("torch")
@@ -131,7 +137,7 @@ def test_every_model_class_quantizes_through_the_shared_base(hf_checkpoint, head
     ids, mask = sample_batch()
     expected = _run(_dequantized_float(folder, head), ids, mask).numpy()
     model = CLASSES[head].from_pretrained(folder).quantize("int8")
-    assert model.is_quantized and model.config.extra["quantization_config"]["bits"] == 8
+    assert model.is_quantized and model.config.extra["quantization_config"]["quant_method"] == "compressed-tensors"
     actual = _run(model, ids, mask).numpy()
     np.testing.assert_allclose(actual, expected, atol=FP32_ATOL)
 
@@ -185,11 +191,10 @@ def test_save_and_load_round_trip_is_bit_exact(hf_checkpoint, head, tmp_path):
     model = CLASSES[head].from_pretrained(folder, quantize="int8")
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["quantization_config"] == {
-        "quant_method": "opt_lm_int8",
-        "bits": 8,
-        "scheme": "symmetric_per_channel",
-        "modules": ["project_in", "project_out", "k_proj", "v_proj", "q_proj", "out_proj", "fc1", "fc2"],
+    assert config["quantization_config"] == quantization_config()
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"] == {
+        **config["quantization_config"]["config_groups"]["group_0"]["weights"],
+        **{"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
     }
     on_disk = read_safetensors(tmp_path / "model.safetensors")
     prefix = "model." if head == "base" else ""
@@ -198,7 +203,7 @@ def test_save_and_load_round_trip_is_bit_exact(hf_checkpoint, head, tmp_path):
         file_name = name.removeprefix(prefix)
         assert on_disk[file_name].dtype == np.int8 and on_disk[scale_name(file_name)].dtype == np.float32
         np.testing.assert_array_equal(on_disk[file_name], state[name])
-        np.testing.assert_array_equal(on_disk[scale_name(file_name)], state[scale_name(name)])
+        np.testing.assert_array_equal(on_disk[scale_name(file_name)], state[scale_name(name)][:, None])
     again = CLASSES[head].from_pretrained(tmp_path)
     assert again.is_quantized
     for name, array in again.canonical_state().items():
@@ -220,16 +225,51 @@ def test_saving_casts_only_the_float_weights_and_only_to_safetensors(hf_checkpoi
         model.save_pretrained(tmp_path / "bin", safe_serialization=False)
 
 
-def test_hf_transformers_does_not_refuse_the_folder(hf_checkpoint, tmp_path):
-    """HF 5.23 skips an unknown quant_method with a warning and loads the int8 values as float weights: only
-    this library reads the folder correctly. If HF starts refusing it, this test says so."""
+@pytest.mark.parametrize("head", ["causal_lm", "sequence_classification"])
+def test_hf_transformers_reads_the_folder_through_compressed_tensors(hf_checkpoint, head, tmp_path):
+    """The saved folder is compressed-tensors' naive-quantized layout: HF transformers (with the compressed-tensors
+    package) loads it and computes exactly the float model whose weights are our dequantized int8 ones."""
     import transformers
 
-    folder, _ = hf_checkpoint("pre_ln")
-    opt_torch.OPTForCausalLM.from_pretrained(folder, quantize="int8").save_pretrained(tmp_path)
-    hf = transformers.OPTForCausalLM.from_pretrained(tmp_path)
-    q = read_safetensors(tmp_path / "model.safetensors")["model.decoder.layers.0.fc1.weight"]
-    np.testing.assert_array_equal(hf.model.decoder.layers[0].fc1.weight.detach().numpy(), q.astype(np.float32))
+    pytest.importorskip("compressed_tensors")
+    folder, _ = hf_checkpoint("post_ln_proj", head)
+    ours = CLASSES[head].from_pretrained(folder, quantize="int8")
+    ours.save_pretrained(tmp_path)
+    hf_class = getattr(transformers, "OPTFor" + {"causal_lm": "CausalLM"}.get(head, "SequenceClassification"))
+    hf_int8 = hf_class.from_pretrained(tmp_path)
+    hf_dequantized = hf_class.from_pretrained(folder)
+    state = ours.canonical_state()
+    with torch.no_grad():
+        for name in quantized_weight_names(ours.config, head):
+            weight = dequantize_int8(state[name], state[scale_name(name)])
+            hf_dequantized.get_parameter(name).copy_(torch.from_numpy(weight))
+    ids, mask = sample_batch()
+    with torch.no_grad():
+        got = hf_int8(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+        want = hf_dequantized(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    real = mask.astype(bool) if head == "causal_lm" else slice(None)
+    np.testing.assert_array_equal(got[real], want[real])
+
+
+def test_folders_of_the_first_int8_layout_still_load(quantized_folder, tmp_path):
+    """opt-lm's first int8 layout (quant_method `opt_lm_int8`, scales [out]) loads with the same weights."""
+    legacy = {k: np.array(v) for k, v in read_safetensors(quantized_folder / "model.safetensors").items()}
+    legacy = {k: v.reshape(-1) if k.endswith("_scale") else v for k, v in legacy.items()}
+    folder = _rewrite(quantized_folder, tmp_path / "legacy", lambda t: (t.clear(), t.update(legacy)))
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "opt_lm_int8",
+        "bits": 8,
+        "scheme": "symmetric_per_channel",
+        "modules": ["k_proj", "v_proj", "q_proj", "out_proj", "fc1", "fc2"],
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    old, new = (
+        opt_torch.OPTForCausalLM.from_pretrained(folder),
+        opt_torch.OPTForCausalLM.from_pretrained(quantized_folder),
+    )
+    for name, array in new.canonical_state().items():
+        np.testing.assert_array_equal(old.canonical_state()[name], array)
 
 
 @pytest.fixture(scope="module")
@@ -298,15 +338,23 @@ def test_int8_weights_without_a_quantization_config_are_refused(quantized_folder
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"quant_method": "bitsandbytes"}, "quant_method 'bitsandbytes'"),
-        ({"bits": 4}, "bits is 4"),
-        ({"scheme": "asymmetric"}, "scheme is 'asymmetric'"),
-        ({"modules": ["fc1"]}, "modules is"),
+        ({"quant_method": "bitsandbytes"}, "quant_method is 'bitsandbytes'"),
+        ({"format": "pack-quantized"}, "format is 'pack-quantized'"),
+        ({"weights": {"num_bits": 4}}, r"weights\.num_bits is 4"),
+        ({"weights": {"strategy": "group", "group_size": 128}}, r"weights\.strategy is 'group'"),
+        ({"weights": {"symmetric": False}}, r"weights\.symmetric is False"),
+        ({"input_activations": {"num_bits": 8, "type": "int"}}, r"group_0\.input_activations is"),
+        ({"kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme is"),
+        ({"quant_method": "opt_lm_int8", "bits": 4}, "bits 4"),
     ],
 )
 def test_a_quantization_config_this_library_cannot_read_is_refused(quantized_folder, tmp_path, change, message):
     folder = _rewrite(quantized_folder, tmp_path / "bad", lambda t: None)
     config = json.loads((folder / "config.json").read_text())
+    group, change = config["quantization_config"]["config_groups"]["group_0"], dict(change)
+    for key in ("weights", "input_activations"):
+        if key in change:
+            group[key] = {**(group[key] or {}), **change.pop(key)}
     config["quantization_config"].update(change)
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=message):
