@@ -103,6 +103,10 @@ class TrainOptions:
             PEFT adapter folder (adapter_config.json, adapter_model.safetensors). None trains every weight.
         lora_alpha, lora_dropout: the adapter's scaling numerator and dropout (PEFT's defaults).
         lora_target: the modules it wraps (PEFT's target_modules: names, or "all-linear").
+        mesh: the devices to train on, as "data=4,model=2" (`parse_mesh`): Flax shards the params and optimizer
+            state over a ("data", "model") device mesh and the batch over "data"; Keras on TensorFlow replicates
+            the model over "data" devices (`tf.distribute.MirroredStrategy`, no "model" axis). The product of
+            the sizes is the device count. None trains on one device (Keras: or under the strategy in scope).
     """
 
     train_files: list[Path]
@@ -141,6 +145,7 @@ class TrainOptions:
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     lora_target: list[str] | str = dataclasses.field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    mesh: str | None = None
 
     def __post_init__(self) -> None:
         self.train_files = [Path(f) for f in self.train_files]
@@ -170,6 +175,8 @@ class TrainOptions:
             if not self.init_from:
                 raise ConfigError("a LoRA run (lora_r) adapts a trained model: give init_from (--model)")
             self.lora_config()  # checks r, alpha, dropout and the targets' form
+        if self.mesh is not None:
+            parse_mesh(self.mesh)
 
     def lora_config(self) -> LoraConfig | None:
         """The adapter a LoRA run trains (PEFT's task type of the head; its head in modules_to_save), or None."""
@@ -195,6 +202,29 @@ class TrainOptions:
         folder the checkpoint is in (so a checkpoint's bytes do not depend on where it lies)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "output"}
         return json.loads(json.dumps(fields, default=str))
+
+
+MESH_AXES = ("data", "model")  # the batch is split over "data", the weights (tensor parallel) over "model"
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """{"data": size, "model": size} of a mesh given as "data=4,model=2" (an axis left out has size 1).
+
+    Raises:
+        ConfigError: naming the text, for an unknown or repeated axis name or a size that is not an integer >= 1.
+    """
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    seen: set[str] = set()
+    for part in str(text).split(","):
+        name, _, size = part.strip().partition("=")
+        if name not in MESH_AXES or name in seen:
+            what = "repeats" if name in seen else "has an unknown axis"
+            raise ConfigError(f"mesh {text!r} {what} {name!r}: write e.g. 'data=4,model=2' (axes: data, model)")
+        if not size.strip().isdigit() or int(size) < 1:
+            raise ConfigError(f"mesh {text!r}: the size of {name!r} must be an integer >= 1, got {size!r}")
+        sizes[name] = int(size)
+        seen.add(name)
+    return sizes
 
 
 def _is_int(value: Any) -> bool:
