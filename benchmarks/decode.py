@@ -12,6 +12,12 @@ the read bandwidth this script measures on the same machine.
 `--quantize int8` adds, for each of `torch` and `torch-compile` in `--frameworks`, a row of the same model loaded
 with `from_pretrained(..., quantize="int8")` (int8 weight-only, `opt_torch.quantization`); their ids are compared
 with the first framework's like every row's, and the bound column stays the fp32 bound.
+
+`ct2` and `ct2-int8` (run when the `ctranslate2` package is installed: `pip install -e ".[bench]"`) are CTranslate2's
+Generator on the same weights, converted by its TransformersConverter (fp32, and int8 weights with its int8
+compute type), with all cores as intra-op threads. Its converter wants tokenizer files; the benchmark writes a stub
+byte-level BPE vocabulary of the embedding's size (token `t{i}` for id i, no merges) beside the random weights,
+since only the ids matter here, and decodes from token strings mapped back to ids.
 """
 
 from __future__ import annotations
@@ -76,6 +82,43 @@ def make_checkpoint(folder: Path) -> None:
     transformers.OPTForCausalLM(config).save_pretrained(folder)
 
 
+def write_stub_vocabulary(folder: Path, size: int = 50272) -> None:
+    """Tokenizer files CTranslate2's converter can load: OPT's special tokens at ids 0..3, then `t{i}`."""
+    special = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(special + [f"t{i}" for i in range(len(special), size)])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<pad>"}))
+
+
+def ctranslate2_runner(folder: Path, int8: bool):
+    """CTranslate2's Generator over the checkpoint converted to its format (int8 weights with `int8`)."""
+    import ctranslate2
+
+    quantization = "int8" if int8 else "float32"
+    converted = folder / f"ct2-{quantization}"
+    if not converted.exists():
+        write_stub_vocabulary(folder)
+        converter = ctranslate2.converters.TransformersConverter(str(folder))
+        converter.convert(str(converted), quantization=quantization, force=True)
+    generator = ctranslate2.Generator(
+        str(converted), device="cpu", compute_type=quantization, intra_threads=os.cpu_count() or 1
+    )
+    vocabulary = json.loads((folder / "vocab.json").read_text())
+    token_of = {i: token for token, i in vocabulary.items()}
+
+    def generate(ids, n):
+        prompts = [[token_of[int(i)] for i in row] for row in ids]
+        results = generator.generate_batch(
+            prompts, max_length=n, min_length=n, sampling_topk=1, include_prompt_in_result=False
+        )
+        new = np.array([[vocabulary[t] for t in r.sequences[0]] for r in results], dtype=np.int64)
+        return np.concatenate([ids, new], axis=1)
+
+    return generate
+
+
 def runner(name: str, folder: Path):
     """A function (ids: np.ndarray) -> np.ndarray running greedy decode for `name` ("torch-int8" and
     "torch-compile-int8": the torch rows with int8 weights)."""
@@ -113,6 +156,8 @@ def runner(name: str, folder: Path):
 
         model = opt_flax.FlaxOPTForCausalLM.from_pretrained(folder)
         return lambda ids, n: np.asarray(model.generate(ids, max_new_tokens=n, eos_token_id=None))
+    if name in ("ct2", "ct2-int8"):
+        return ctranslate2_runner(folder, int8=name == "ct2-int8")
     raise ValueError(f"unknown framework {name!r}")
 
 
@@ -131,7 +176,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--frameworks", nargs="+", default=["hf", "torch", "tf", "flax"])
+    parser.add_argument("--frameworks", nargs="+", default=["hf", "ct2", "ct2-int8", "torch", "tf", "flax"])
     parser.add_argument("--quantize", choices=("int8",), help="also run the torch rows with int8 weights")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
