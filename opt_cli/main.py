@@ -497,7 +497,9 @@ def run_merge(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="opt-lm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_generate, add_convert, add_info, add_score, add_train, add_merge):
+    from opt_cli.export import add_export
+
+    for add in (add_generate, add_convert, add_info, add_score, add_train, add_merge, add_export):
         add(sub)
     return parser
 
