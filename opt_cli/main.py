@@ -498,8 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="opt-lm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     from opt_cli.export import add_export
+    from opt_cli.serve import add_serve
 
-    for add in (add_generate, add_convert, add_info, add_score, add_train, add_merge, add_export):
+    for add in (add_generate, add_convert, add_info, add_score, add_train, add_merge, add_export, add_serve):
         add(sub)
     return parser
 
