@@ -50,6 +50,7 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opt_core.config import OPTConfig
+from opt_core.errors import ConfigError
 from opt_core.flax_msgpack import unflatten
 from opt_core.weights import DENSE_BIAS, DENSE_WEIGHT, LEAF_RULES, ParamSpec, module_path, parameter_specs, style_name
 from opt_flax.lora import adapter_partition_spec, base_key, is_adapter_key
@@ -81,6 +82,29 @@ def make_mesh(model: int = 1, devices: Any = None) -> Mesh:
     if devices.size % model:
         raise ValueError(f"{devices.size} devices cannot form a mesh with a model axis of {model}")
     return Mesh(devices.reshape(devices.size // model, model), (DATA, MODEL))
+
+
+def checked_mesh(sizes: dict[str, int], config: OPTConfig, devices: Any = None) -> Mesh:
+    """The ("data", "model") mesh of `sizes` (`opt_core.training.parse_mesh`) over `devices` (default all), after
+    checking what `make_mesh` and the partition rules would otherwise work around silently.
+
+    Raises:
+        ConfigError: naming the value, when data x model is not the device count, or the model axis does not
+            divide the attention heads or the FFN dim (a training mesh splits both; see `canonical_axes`).
+    """
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    data, model = sizes[DATA], sizes[MODEL]
+    if data * model != devices.size:
+        hint = (
+            " (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N before jax starts)"
+            if data * model > 1
+            else ""
+        )
+        raise ConfigError(f"mesh data={data},model={model} needs {data * model} devices; jax has {devices.size}{hint}")
+    for name in ("num_attention_heads", "ffn_dim"):
+        if getattr(config, name) % model:
+            raise ConfigError(f"mesh model={model} must divide the config's {name} ({getattr(config, name)})")
+    return Mesh(devices.reshape(data, model), (DATA, MODEL))
 
 
 def canonical_axes(spec: ParamSpec, config: OPTConfig, model_size: int = 1) -> tuple[str | None, ...]:
@@ -144,6 +168,29 @@ def shard_params(params: dict, mesh: Mesh, config: OPTConfig, head: str = "causa
             raise ValueError(f"{key!r} is not a parameter of this {head} model, nor an adapter's")
         shardings[key] = NamedSharding(mesh, spec)
     return jax.device_put(params, unflatten(shardings))
+
+
+def like_params(tree: Any, params: dict, mesh: Mesh) -> Any:
+    """Shardings for `tree` (an optax state): a leaf under a path that ends in a param's path, with that param's
+    shape (Adam's moments), gets the param's sharding; every other leaf (step counts, hyperparams) is replicated.
+
+    Args:
+        tree: the state, or its `jax.eval_shape`.
+        params: the params pytree, placed on `mesh` (`shard_params`).
+        mesh: the mesh.
+    """
+    flat = {tuple(key.split("/")): value for key, value in flatten_dict(params, sep="/").items()}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf) -> NamedSharding:
+        keys = tuple(str(entry.key) for entry in path if isinstance(entry, jax.tree_util.DictKey))
+        for start in range(len(keys)):
+            param = flat.get(keys[start:])
+            if param is not None and param.shape == leaf.shape:
+                return param.sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -13,15 +13,21 @@ norm is theirs, as torch's over requires_grad parameters), the frozen ones get z
 and the step stops their gradients so XLA computes none. A checkpoint is then PEFT's adapter folder (beside the
 trainer's files), and resuming rebuilds the base from `init_from` and reads the adapter back.
 
+On a device mesh (`options.mesh`, "data=4,model=2"; `opt-lm train --framework flax --mesh data=4,model=2`) the
+params are placed by `opt_flax.sharding`'s partition rules (tensor parallel over "model"), each optax moment like
+its param, and each step's batch split over its rows on "data"; the steps are jitted with those shardings as their
+in and out shardings, so XLA inserts the collectives. A step sees the same global batch as on one device: the losses
+are one device's up to float32 summation order (tests/test_flax_mesh_train.py measures it). Checkpoints are the
+same full checkpoint (gathered on save) and resume onto any mesh.
+
 Siblings: `opt_torch/train.py`, `opt_tf/train.py`. Entry point: `train(options)` or `train(**options)`.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.serialization
 import jax
@@ -29,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opt_core.adapters import load_adapter_tensors, write_adapter
 from opt_core.errors import ConfigError
@@ -44,6 +51,7 @@ from opt_core.training import (
     checkpoint_files,
     decays,
     fresh_config,
+    parse_mesh,
     read_checkpoint,
     tokenizer_files,
     train_with,
@@ -51,6 +59,7 @@ from opt_core.training import (
 from opt_flax.lora import COPY, to_leaves
 from opt_flax.modeling import FlaxOPTForCausalLM, FlaxOPTForQuestionAnswering, FlaxOPTForSequenceClassification
 from opt_flax.pretrained import params_to_canonical
+from opt_flax.sharding import DATA, checked_mesh, like_params, shard_params
 
 TrainConfig = TrainOptions  # the name `opt-lm train` and older callers use
 OPTIMIZER_NAME = "optimizer.msgpack"
@@ -199,16 +208,23 @@ class FlaxTrainer:
 
     def __init__(self, model, options: TrainOptions):
         self.model, self.options = model, options
-        self.params = model.params
+        self.mesh = training_mesh(options, model.config)
         self.mask = _trained_mask(model)
         self.optimizer = build_optimizer(options, self.mask)
-        self.opt_state = self.optimizer.init(self.params)
+        self.params = self._placed_params(model.params)
+        self.model.params = self.params  # no second, unplaced copy
+        self.shardings = None if self.mesh is None else step_shardings(self.mesh, self.optimizer, self.params)
+        if self.shardings is None:
+            self.opt_state = self.optimizer.init(self.params)
+        else:  # each moment made on its param's shards
+            self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.shardings.opt_state)(self.params)
         self.key = jax.random.PRNGKey(options.seed)
         self.dropout = options.dropout and _has_dropout(model)
-        self._train_step, self._eval_step = _make_steps(model, self.optimizer, self.dropout, self.mask)
+        steps = _make_steps(model, self.optimizer, self.dropout, self.mask)
+        self._train_step, self._eval_step = _jit_steps(*steps, self.shardings)
 
     def train_step(self, batch: Mapping[str, np.ndarray], learning_rate: float, step: int) -> float:
-        inputs = {k: jnp.asarray(v) for k, v in batch.items() if k in _INPUTS}
+        inputs = _inputs(batch, self.shardings and self.shardings.step_batch)
         key = jax.random.fold_in(self.key, step)
         self.params, self.opt_state, loss = self._train_step(
             self.params, self.opt_state, inputs, jnp.float32(learning_rate), key
@@ -217,8 +233,12 @@ class FlaxTrainer:
         return float(loss)
 
     def eval_outputs(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = {k: jnp.asarray(v) for k, v in batch.items() if k in _INPUTS}
+        inputs = _inputs(batch, self.shardings and self.shardings.eval_batch)
         return {k: np.asarray(v) for k, v in self._eval_step(self.params, inputs).items()}
+
+    def _placed_params(self, params) -> Any:
+        """`params` on the mesh by the partition rules (a LoRA adapter's leaves as their kernels'), or as given."""
+        return params if self.mesh is None else shard_params(params, self.mesh, self.model.config, self.model.head)
 
     def optimizer_state(self) -> bytes:
         return optimizer_bytes(self.opt_state, self.params, self.options.save_dtype)
@@ -236,8 +256,70 @@ class FlaxTrainer:
             params = MODEL_OF_HEAD[self.model.head].from_pretrained(folder, param_dtype=jnp.float32).params
         else:
             params = _with_adapter_checkpoint(self.params, folder, self.model)
-        self.params, self.opt_state = restore_optimizer(optimizer_state, params, self.opt_state, self.options)
+        params, opt_state = restore_optimizer(optimizer_state, params, self.opt_state, self.options)
+        self.params = self._placed_params(params)
+        self.opt_state = opt_state if self.mesh is None else jax.device_put(opt_state, self.shardings.opt_state)
         self.model.params = self.params
+
+
+# ----- the device mesh
+
+
+class StepShardings(NamedTuple):
+    """Where a mesh run keeps each argument of its steps."""
+
+    params: Any  # the params pytree of NamedShardings: the partition rules (opt_flax.sharding)
+    opt_state: Any  # the optax state's: each moment as its param, counts and hyperparams replicated
+    step_batch: NamedSharding  # a step's [A, B, ...] arrays: the B rows of each micro-batch split over "data"
+    eval_batch: NamedSharding  # an eval batch's [B, ...] arrays: split over "data"
+    replicated: NamedSharding  # the rate, the dropout key, the loss
+
+
+def training_mesh(options: TrainOptions, config) -> Mesh | None:
+    """The checked mesh of `options.mesh` (None without one); its data axis must divide the batch's rows."""
+    if options.mesh is None:
+        return None
+    sizes = parse_mesh(options.mesh)
+    if options.batch_size % sizes[DATA]:
+        raise ConfigError(
+            f"batch_size {options.batch_size} must be a multiple of the mesh's data axis ({sizes[DATA]}): "
+            "each data shard takes an equal share of every micro-batch"
+        )
+    return checked_mesh(sizes, config)
+
+
+def step_shardings(mesh: Mesh, optimizer: optax.GradientTransformation, params) -> StepShardings:
+    """The shardings of a run on `mesh` whose params are already placed there (`shard_params`)."""
+    params_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
+    state_shapes = jax.eval_shape(optimizer.init, params)
+    return StepShardings(
+        params=params_shardings,
+        opt_state=like_params(state_shapes, params, mesh),
+        step_batch=NamedSharding(mesh, PartitionSpec(None, DATA)),
+        eval_batch=NamedSharding(mesh, PartitionSpec(DATA)),
+        replicated=NamedSharding(mesh, PartitionSpec()),
+    )
+
+
+def _inputs(batch: Mapping[str, np.ndarray], sharding: NamedSharding | None) -> dict[str, jax.Array]:
+    """The model's inputs of `batch`, put straight onto their shards (one device's default without a mesh)."""
+    return {k: jax.device_put(v, sharding) for k, v in batch.items() if k in _INPUTS}
+
+
+def _jit_steps(train_step, eval_step, shardings: StepShardings | None):
+    """The jitted steps; on a mesh with their in and out shardings. The params and optimizer state are donated:
+    the step writes its results into their buffers instead of holding a second copy of both (with an adapter,
+    the frozen base's leaves pass through in place)."""
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step)
+    s = shardings
+    train = jax.jit(
+        train_step,
+        donate_argnums=(0, 1),
+        in_shardings=(s.params, s.opt_state, s.step_batch, s.replicated, s.replicated),
+        out_shardings=(s.params, s.opt_state, s.replicated),
+    )
+    return train, jax.jit(eval_step, in_shardings=(s.params, s.eval_batch))
 
 
 def _trained_mask(model) -> Any:
@@ -275,9 +357,6 @@ def _make_steps(model, optimizer: optax.GradientTransformation, dropout: bool, m
         losses, counts = loss_terms(out, batch, model.config)
         return losses.sum(), counts.sum().astype(jnp.float32)
 
-    # The params and optimizer state are donated: the step writes its results into their buffers instead of
-    # holding a second copy of both (with an adapter, the frozen base's leaves pass through in place).
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, batch, learning_rate, key):
         accumulation = jax.tree.leaves(batch)[0].shape[0]
 
@@ -297,7 +376,6 @@ def _make_steps(model, optimizer: optax.GradientTransformation, dropout: bool, m
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, total / count
 
-    @jax.jit
     def eval_step(params, batch):
         out = model(batch["input_ids"], batch.get("attention_mask"), params=params)
         losses, counts = loss_terms(out, batch, model.config)
