@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 import sys
 import threading
 import traceback
@@ -39,8 +40,9 @@ class StepModel(Protocol):
         all_logits else 1 V (the last position's). `new_tokens` is how many may follow (a hint for the size)."""
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One token per row (B ids) written at its row's position (B); returns B V float32 logits. Each row
-        attends to its positions 0 .. position; rows nobody uses get any token at position 0."""
+        """One token for each of the rows 0 .. B-1 (B <= slots ids) written at its row's position (B); returns
+        B V float32 logits. Each row attends to its positions 0 .. position; rows nobody uses get any token at
+        position 0. A step model may run all its slots whatever B is (compiled programs keep one shape)."""
 
 
 def prompt_bucket(length: int, max_length: int, smallest: int = 16) -> int:
@@ -50,6 +52,12 @@ def prompt_bucket(length: int, max_length: int, smallest: int = 16) -> int:
     while size < length:
         size *= 2
     return min(size, max_length)
+
+
+def pad_to_slots(values: np.ndarray, slots: int) -> np.ndarray:
+    """B per-row values padded with zeros to every slot (unused rows: token 0 at position 0), for step models
+    whose compiled decode keeps one shape."""
+    return np.pad(values, (0, slots - len(values)))
 
 
 class EngineBusy(Exception):
@@ -133,7 +141,7 @@ class Engine:
         self.model, self.tokenizer, self.max_waiting = model, tokenizer, max_waiting
         self.waiting: collections.deque[tuple[Job, Completion]] = collections.deque()
         self.active: dict[int, tuple[Job, Completion]] = {}  # slot -> its completion
-        self.free = list(range(model.slots))
+        self.free = list(range(model.slots))  # a heap: completions take the lowest free row
         self.lock = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -188,7 +196,7 @@ class Engine:
                 job, completion = self.waiting.popleft()
             if job.cancelled.is_set():
                 continue
-            slot = self.free.pop()
+            slot = heapq.heappop(self.free)
             completion.slot = slot
             self.active[slot] = (job, completion)
             try:
@@ -207,9 +215,9 @@ class Engine:
         self._advance(job, completion, logits[-1], echoed)
 
     def _step(self) -> None:
-        """One decode step for every row; then each active completion picks its next token."""
-        tokens = np.zeros(self.model.slots, np.int64)
-        positions = np.zeros(self.model.slots, np.int64)
+        """One decode step for the rows up to the highest in use; then each active completion picks its next token."""
+        rows = max(self.active) + 1
+        tokens, positions = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
         for slot, (_, completion) in self.active.items():
             tokens[slot] = completion.output[-1]
             positions[slot] = len(completion.prompt) + len(completion.output) - 1
@@ -221,7 +229,10 @@ class Engine:
             return
         self.steps += 1
         for slot, (job, completion) in list(self.active.items()):
-            self._advance(job, completion, logits[slot], [])
+            try:
+                self._advance(job, completion, logits[slot], [])
+            except Exception as error:  # this completion ends with the error; the others go on
+                self._fail(slot, error)
 
     def _advance(self, job: Job, completion: Completion, logits: np.ndarray, logprobs: list[TokenLogprob]) -> None:
         """Picks the completion's next token, updates its text and state, and sends what it produced."""
@@ -277,7 +288,7 @@ class Engine:
 
     def _release(self, slot: int) -> None:
         del self.active[slot]
-        self.free.append(slot)
+        heapq.heappush(self.free, slot)
 
     def _fail(self, slot: int, error: Exception) -> None:
         job, completion = self.active[slot]

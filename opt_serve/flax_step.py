@@ -23,7 +23,7 @@ import numpy as np
 
 from opt_flax.cache import KVCache
 from opt_flax.decode_layout import DecodeLayout
-from opt_serve.engine import prompt_bucket
+from opt_serve.engine import pad_to_slots, prompt_bucket
 
 
 @flax.struct.dataclass
@@ -83,10 +83,12 @@ class FlaxStepModel:
         return logits if all_logits else logits[-1:]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        rows = len(tokens)
+        tokens, positions = pad_to_slots(tokens, self.slots), pad_to_slots(positions, self.slots)  # one program
         logits, self.key_values = self._decode(
             self.params, self.key_values, tokens.astype(np.int32), positions.astype(np.int32)
         )
-        return np.asarray(logits)
+        return np.asarray(logits)[:rows]
 
     def _prefill_program(self, params, ids, mask):
         cache = KVCache.create(self.config, 1, self.max_length, self.dtype)

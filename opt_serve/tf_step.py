@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from opt_serve.engine import prompt_bucket
+from opt_serve.engine import pad_to_slots, prompt_bucket
 from opt_tf.cache import KVCache, LayerCache
 
 
@@ -66,10 +66,12 @@ class TFStepModel:
         return logits if all_logits else logits[-1:]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        rows = len(tokens)
+        tokens, positions = pad_to_slots(tokens, self.slots), pad_to_slots(positions, self.slots)  # one program
         logits, self.key_values = self._decode(
             tf.constant(tokens, tf.int32), tf.constant(positions, tf.int32), self.key_values
         )
-        return logits.numpy()
+        return logits.numpy()[:rows]
 
     def _prefill_program(self, ids, mask):
         out = self.model(ids, attention_mask=mask, past_key_values=self.model.init_cache(1, self.max_length))

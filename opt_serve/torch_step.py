@@ -7,7 +7,8 @@ Both calls go through the model's public decoder with an `opt_torch.cache.Static
 * `prefill` is `opt_torch.generation.prefill` on a batch-of-one cache sized as `generate` sizes it (prompt + new
   tokens), so a prompt's first token comes from the very logits `generate` picks it from; its keys and values are
   then copied into the row.
-* `decode` writes each row's new keys and values at that row's own position (`RowSlotCache.update`), passes the
+* `decode` runs the rows up to the highest in use (eager torch has no shape to keep) and writes each row's new
+  keys and values at that row's own position (`RowSlotCache.update`), passes the
   positions as `position_ids`, and lets the attention mask (each row: its slots 0 .. position) decide what every
   row sees. The shared `cache_position` is the last slot, so the causal part of the mask allows every slot.
 
@@ -24,18 +25,20 @@ from opt_torch.generation import prefill as generate_prefill
 
 
 class RowSlotCache(StaticKVCache):
-    """A StaticKVCache whose decode step writes row b's new keys and values at slot `write_slots[b]`."""
+    """A StaticKVCache whose decode step runs its first rows (B of them), writing row b's new keys and values at
+    slot `write_slots[b]`."""
 
     def __init__(self, config, batch_size: int, max_length: int, dtype=torch.float32, device=None):
         super().__init__(config, batch_size, max_length, dtype, device)
-        self.rows = torch.arange(batch_size, device=device)
         self.write_slots = torch.zeros(batch_size, dtype=torch.long, device=device)  # B
 
     def update(self, layer_idx: int, k, v, cache_position) -> tuple[torch.Tensor, torch.Tensor]:
-        """B N 1 H new keys and values, one per row at its own slot; returns the layer's B N S H."""
-        self.keys[layer_idx][self.rows, :, self.write_slots] = k[:, :, 0]  # B N H
-        self.values[layer_idx][self.rows, :, self.write_slots] = v[:, :, 0]
-        return self.keys[layer_idx], self.values[layer_idx]
+        """B N 1 H new keys and values, one per row at its own slot; returns the first B rows' B N S H."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        keys, values = self.keys[layer_idx][: k.shape[0]], self.values[layer_idx][: k.shape[0]]  # views
+        keys[rows, :, self.write_slots] = k[:, :, 0]  # B N H
+        values[rows, :, self.write_slots] = v[:, :, 0]
+        return keys, values
 
     def put_row(self, slot: int, source: StaticKVCache, length: int) -> None:
         """Copies the first `length` slots of a batch-of-one cache into row `slot`."""
