@@ -180,7 +180,7 @@ def _start(model, input_ids, attention_mask, options: DecodeOptions):
     sequences[:, :prompt] = input_ids
     mask = torch.zeros((batch, options.max_length), dtype=torch.long, device=input_ids.device)
     mask[:, :prompt] = attention_mask
-    cache = StaticKVCache(model.config, batch, options.max_length, model.dtype, input_ids.device)
+    cache = model.init_cache(batch, options.max_length)
     logits, hidden = prefill(model, input_ids, mask, cache)
     return sequences, mask, cache, logits, hidden
 

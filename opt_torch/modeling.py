@@ -98,7 +98,8 @@ class OPTAttention(nn.Module):
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # B T D -> B N T H
+        # -1: N heads, or this rank's N / tp under tensor parallelism (opt_torch.distributed splits whole heads).
+        return x.view(b, t, -1, self.head_dim).transpose(1, 2)  # B T D -> B N T H
 
     def forward(self, hidden_states, mask, past_key_value=None, output_attentions=False):
         # OPT quirk: the projected query (bias included) is scaled by head_dim ** -0.5 before q @ k; the

@@ -29,8 +29,9 @@ from torch import nn
 from opt_core import dtypes, quantization
 from opt_core import pretrained as core
 from opt_core.config import OPTConfig
-from opt_core.errors import CheckpointError
+from opt_core.errors import CheckpointError, ConfigError
 from opt_core.weights import module_path
+from opt_torch import distributed
 from opt_torch.arrays import numpy_to_torch, torch_to_numpy
 from opt_torch.cache import StaticKVCache
 from opt_torch.lora import AdapterState, LoraMixin, is_adapter_name
@@ -105,7 +106,12 @@ class PreTrainedOPT(LoraMixin, nn.Module):
     def init_cache(self, batch_size: int, max_length: int) -> StaticKVCache:
         """An empty static cache (`opt_torch.cache.StaticKVCache`) of max_length slots, in the model's dtype and
         on its device; forward it with `cache_position` and an attention mask over all max_length slots."""
-        return StaticKVCache(self.config, batch_size, max_length, self.dtype, self.device)
+        config = self.config
+        tp_size = getattr(self, "tp_size", 1)
+        if tp_size > 1:  # this rank's heads only (opt_torch.distributed): N / tp heads of the same head dim
+            heads, hidden = config.num_attention_heads // tp_size, config.hidden_size // tp_size
+            config = config.replace(num_attention_heads=heads, hidden_size=hidden)
+        return StaticKVCache(config, batch_size, max_length, self.dtype, self.device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -116,8 +122,8 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         """{canonical name: numpy array} of every base parameter (tied ones once; a merged adapter's deltas
         included, an adapter's own tensors never)."""
         prefix = "model." if self.head == "base" else ""
-        return {
-            prefix + k: torch_to_numpy(v.float() if _is_scale(k) else v)  # int8 scales are float32 on disk
+        return {  # a tensor-parallel model's split weights gathered whole: every rank calls this then
+            prefix + k: torch_to_numpy(distributed.full(v.float() if _is_scale(k) else v))  # int8 scales: fp32
             for k, v in self.state_dict().items()
             if not is_adapter_name(k)
         }
@@ -176,6 +182,8 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         adapter: str | os.PathLike | None = None,
         adapter_name: str = "default",
         quantize: str | None = None,
+        tp_plan: str | None = None,
+        device_mesh=None,
         **kwargs: Any,
     ):
         """Loads a model from a local folder, the HF cache, or the hub; with `adapter`, then a PEFT LoRA adapter.
@@ -192,6 +200,10 @@ class PreTrainedOPT(LoraMixin, nn.Module):
             quantize: "int8" quantizes the dense weights while loading (`quantize`), never holding them in float
                 as tensors. A folder saved quantized (its config.json's `quantization_config`) loads int8
                 whatever this says; `dtype` then applies to the weights that stay float.
+            tp_plan: "auto" splits each decoder layer over the processes `torchrun` started (tensor parallelism
+                through DTensor, `opt_torch.distributed`): joins the process group if need be, and each rank reads
+                only its slices of the split weights. Every rank then runs the same forward or `generate`.
+            device_mesh: with tp_plan, a 1-D `DeviceMesh` to split over (default: every process).
             **kwargs: the loading options every framework shares (`opt_core.pretrained.load_pretrained`): `config`
                 (instead of the folder's config.json), `fmt` (the format to read when the folder holds several),
                 `revision`, `cache_dir`, `local_files_only`, `token` (huggingface_hub, for hub ids), and config
@@ -201,6 +213,8 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         seed = lambda: int(torch.randint(2**31 - 1, ()).item())  # noqa: E731
         if quantize is not None:
             _check_quantize(quantize)
+        if tp_plan is not None:
+            _check_tensor_parallel(tp_plan, quantize, adapter)
         loaded = core.load_pretrained(name_or_path, cls.head, seed=seed, **kwargs)
         config, tensors = loaded.config, loaded.tensors
         if quantize is not None and not quantization.has_scales(tensors):
@@ -211,7 +225,10 @@ class PreTrainedOPT(LoraMixin, nn.Module):
             model = cls(config)
         if quantization.has_scales(tensors):
             model._int8_layers_on_meta()
-        model._assign(tensors, target, device)
+        if tp_plan is not None:
+            model._assign_tensor_parallel(tensors, target, device_mesh)
+        else:
+            model._assign(tensors, target, device)
         if hasattr(model, "generate"):
             model.generation_config = loaded.generation_config
         model.set_attn_implementation(attn_implementation)
@@ -226,6 +243,16 @@ class PreTrainedOPT(LoraMixin, nn.Module):
             module_path(name, self.head): numpy_to_torch(array, _stored_as(name, array, dtype)).to(device)
             for name, array in tensors.items()
         }
+        self._assign_state(state)
+
+    def _assign_tensor_parallel(self, tensors: dict[str, np.ndarray], dtype: torch.dtype, device_mesh) -> None:
+        """Splits the (meta) model over the mesh, then assigns each rank its slices of the checkpoint."""
+        mesh = distributed.tensor_parallel_mesh(device_mesh)
+        distributed.parallelize(self, mesh)
+        state = {module_path(name, self.head): array for name, array in tensors.items()}
+        self._assign_state(distributed.shard_state(self, state, dtype, distributed.local_device()))
+
+    def _assign_state(self, state: dict[str, torch.Tensor]) -> None:
         result = self.load_state_dict(state, strict=False, assign=True)
         self.tie_weights()
         left = [k for k in result.missing_keys if not (k == "lm_head.weight" and self.config.tie_word_embeddings)]
@@ -257,10 +284,17 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         safetensors only, int8 weights with `{module}.weight_scale` float32 scales, a `quantization_config` in
         config.json). HF transformers cannot load such a folder correctly: 5.23 warns that it skips the unknown
         quant_method and then computes with the int8 values as float weights (the scales ignored).
+
+        A tensor-parallel model (`tp_plan`) is gathered on every rank and written once, by rank 0; every rank
+        returns once the files are in place (the others with an empty list).
         """
-        return core.save_pretrained(
+        state = self.canonical_state()
+        if getattr(self, "tp_size", 1) > 1 and not distributed.is_main_process():
+            distributed.barrier()
+            return []
+        files = core.save_pretrained(
             save_directory,
-            self.canonical_state(),
+            state,
             self.config,
             self.head,
             architecture=type(self).__name__,
@@ -269,11 +303,21 @@ class PreTrainedOPT(LoraMixin, nn.Module):
             max_shard_size=max_shard_size,
             dtype=dtype,
         )
+        if getattr(self, "tp_size", 1) > 1:
+            distributed.barrier()
+        return files
 
 
 def _check_quantize(method: Any) -> None:
     if method not in quantization.QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(quantization.QUANTIZE_CHOICES)}, got {method!r}")
+
+
+def _check_tensor_parallel(tp_plan: Any, quantize: str | None, adapter) -> None:
+    distributed.check_tp_plan(tp_plan)
+    for name, value in (("quantize", quantize), ("adapter", adapter)):
+        if value is not None:
+            raise ConfigError(f"tp_plan={tp_plan!r} with {name}={value!r} is not supported: load without one of them")
 
 
 def _is_scale(name: str) -> bool:
