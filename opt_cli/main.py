@@ -430,6 +430,8 @@ def add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     p.add_argument("--save-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--seed", type=_integer(0), default=0)
+    dp_help = "torch under torchrun: FSDP2 (fully_shard per decoder layer) or DistributedDataParallel"
+    p.add_argument("--data-parallel", choices=("fsdp", "ddp"), default="fsdp", help=dp_help)
     lora = p.add_argument_group("LoRA (train a PEFT adapter on the frozen --model instead of every weight)")
     lora.add_argument("--lora-r", type=_integer(1), default=None, help="the adapter's rank; turns LoRA on")
     lora.add_argument("--lora-alpha", type=POSITIVE, default=8, help="scaling numerator (scaling = alpha / r)")

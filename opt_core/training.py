@@ -60,6 +60,7 @@ EVAL_OUTPUTS = {
 SCHEDULES = ("linear", "cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16")  # bfloat16: mixed precision, float32 master weights and optimizer state
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
+DATA_PARALLEL = ("fsdp", "ddp")  # PyTorch under torchrun: FSDP2 or DistributedDataParallel
 LOG_NAME = "training_log.jsonl"
 STATE_NAME = "training_state.json"
 STATE_VERSION = 1
@@ -107,6 +108,8 @@ class TrainOptions:
             state over a ("data", "model") device mesh and the batch over "data"; Keras on TensorFlow replicates
             the model over "data" devices (`tf.distribute.MirroredStrategy`, no "model" axis). The product of
             the sizes is the device count. None trains on one device (Keras: or under the strategy in scope).
+        data_parallel: PyTorch under torchrun: "fsdp" (FSDP2's fully_shard per decoder layer) or "ddp"
+            (DistributedDataParallel); one process ignores it.
     """
 
     train_files: list[Path]
@@ -146,6 +149,7 @@ class TrainOptions:
     lora_dropout: float = 0.0
     lora_target: list[str] | str = dataclasses.field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     mesh: str | None = None
+    data_parallel: str = "fsdp"
 
     def __post_init__(self) -> None:
         self.train_files = [Path(f) for f in self.train_files]
@@ -177,6 +181,7 @@ class TrainOptions:
             self.lora_config()  # checks r, alpha, dropout and the targets' form
         if self.mesh is not None:
             parse_mesh(self.mesh)
+        _require(self, "data_parallel", self.data_parallel in DATA_PARALLEL, f"one of {', '.join(DATA_PARALLEL)}")
 
     def lora_config(self) -> LoraConfig | None:
         """The adapter a LoRA run trains (PEFT's task type of the head; its head in modules_to_save), or None."""
@@ -271,7 +276,8 @@ def decays(canonical_name: str) -> bool:
 class Trainer(Protocol):
     """What a framework implements for `run_training` (its model, optimizer and compiled steps).
 
-    `optimizer_file` names the file of its optimizer state in the checkpoint (e.g. "optimizer.msgpack").
+    `optimizer_file` names the file of its optimizer state in the checkpoint (e.g. "optimizer.msgpack"). A trainer
+    of one process of several may set `is_main_process`: False keeps that process from writing the log.
     """
 
     optimizer_file: str
@@ -301,10 +307,14 @@ class Trainer(Protocol):
 class TrainingLog:
     """`training_log.jsonl`: one JSON object per line, {"event": "train", "step", "loss", "learning_rate",
     "tokens_per_s"} every `log_every` steps and {"event": "eval", "step", "eval_loss", ...metrics}. A resumed
-    run cuts it back to the checkpoint's length and appends."""
+    run cuts it back to the checkpoint's length and appends. With `write=False` (a process other than rank 0 of a
+    distributed run) it leaves the file alone."""
 
-    def __init__(self, folder: Path, offset: int | None):
+    def __init__(self, folder: Path, offset: int | None, write: bool = True):
         self.path = Path(folder) / LOG_NAME
+        self.write = write
+        if not write:
+            return
         if offset is None:
             self.path.write_bytes(b"")
         elif self.path.is_file() and self.path.stat().st_size > offset:
@@ -322,6 +332,8 @@ class TrainingLog:
         self._write({"event": "eval", "step": step, **metrics})
 
     def _write(self, record: dict) -> None:
+        if not self.write:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -442,7 +454,8 @@ def run_training(options: TrainOptions, data: TaskData, trainer: Trainer, extra_
         check_resumable(state, options)
         trainer.restore(options.output, optimizer_bytes)
         start, log_offset = state.step, state.log_offset
-    log = TrainingLog(options.output, log_offset)
+    # In a distributed run every process steps, and only the main one (rank 0) writes the log and checkpoints.
+    log = TrainingLog(options.output, log_offset, write=getattr(trainer, "is_main_process", True))
     num_rows = len(data.train["input_ids"])
     rows_per_step = options.batch_size * options.grad_accum
     progress = Progress(options.steps, start)

@@ -16,6 +16,12 @@ The optimizer state is a safetensors file keyed by canonical names (`exp_avg/<na
 `step/<name>`, and `master/<name>` float32 weights when the saved weights are rounded): no pickle, so a checkpoint
 is read back without `torch.load`.
 
+Under `torchrun` (several processes), `train` joins the process group and trains data-parallel
+(`opt_torch.distributed`): FSDP2's `fully_shard` per decoder layer (`options.data_parallel="fsdp"`, the default) or
+DDP ("ddp"). Each process takes its contiguous share of every micro-batch, so together they take the one-process
+batch, and each backward is scaled so that the averaged gradient is the one-process step's; the logged loss is summed
+over the processes. Checkpoints are the normal full ones: gathered on every rank, written once by rank 0.
+
 Siblings: `opt_flax/train.py` (optax), `opt_tf/train.py`. Entry point: `train(options)` or `train(**options)`.
 """
 
@@ -45,6 +51,7 @@ from opt_core.training import (
     fresh_config,
     train_with,
 )
+from opt_torch import distributed
 from opt_torch.arrays import numpy_to_torch, torch_to_numpy
 from opt_torch.lora import is_adapter_name
 from opt_torch.modeling import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
@@ -74,13 +81,24 @@ def train(options: TrainOptions | None = None, *, device: str | None = None, com
     """Runs a training (`opt-lm train --framework torch`): `train(TrainOptions(...))` or `train(train_files=...,
     output=..., ...)` with the flags' names; returns the last evaluation. The log is `output/training_log.jsonl`.
 
+    Under torchrun, every process runs this; they train data-parallel (`options.data_parallel`) and rank 0 writes.
+
     Args:
         options: the run's options (or give them as keywords).
-        device: where to train ("cuda", "cpu", ...); default CUDA when available.
+        device: where to train ("cuda", "cpu", ...); default CUDA when available (under torchrun, this rank's GPU).
         compile: `torch.compile` the model's forward.
     """
     options = options if options is not None else TrainOptions(**flags)
-    return train_with(options, build_model, lambda model: TorchTrainer(model, options, device=device, compile=compile))
+    joined = distributed.launched_by_torchrun() and not torch.distributed.is_initialized()
+    if distributed.launched_by_torchrun():
+        device = device or distributed.init_distributed()
+    try:
+        return train_with(
+            options, build_model, lambda model: TorchTrainer(model, options, device=device, compile=compile)
+        )
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
 
 
 def build_model(options: TrainOptions, tokenizer, config_updates: Mapping[str, Any]):
@@ -215,6 +233,9 @@ def term_counts(head: str, batch: Mapping[str, np.ndarray]) -> float:
 class TorchTrainer:
     """`opt_core.training.Trainer` in PyTorch: the model (float32 master weights) and its AdamW.
 
+    In a process group (`torch.distributed`), the model is sharded (FSDP2) or wrapped (DDP) as
+    `options.data_parallel` says, and each process takes its share of every micro-batch.
+
     Args:
         model: an `opt_torch` model with a task head (float32).
         options: the run's options.
@@ -227,26 +248,37 @@ class TorchTrainer:
     def __init__(self, model, options: TrainOptions, device: str | torch.device | None = None, compile: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.options = model.to(device=self.device, dtype=torch.float32), options
-        self.params = trained_parameters(self.model)
+        self.is_main_process = distributed.is_main_process()
+        self.forward = self.model
+        if torch.distributed.is_initialized():
+            if model.active_adapter is not None:
+                raise ConfigError("LoRA training is not supported under torchrun yet: train it in one process")
+            self.forward = distributed.shard_for_training(self.model, options.data_parallel, self.device)
+        self.params = trained_parameters(self.model)  # after sharding: FSDP2 replaces the parameters
         self.optimizer = build_optimizer(self.model, options)
         self.dropout = options.dropout and _has_dropout(model)
-        self.forward = torch.compile(self.model) if compile else self.model
+        if compile:
+            self.forward = torch.compile(self.forward)
         self.loss_terms, self.output_names = LOSSES[model.head], EVAL_OUTPUTS[model.head]
         self.autocast_dtype = torch.bfloat16 if options.dtype == "bfloat16" else None
 
     def train_step(self, batch: Mapping[str, np.ndarray], learning_rate: float, step: int) -> float:
-        count = max(term_counts(self.model.head, batch), 1.0)
+        count = max(term_counts(self.model.head, batch), 1.0)  # of the whole step, over every process's rows
+        rows = distributed.local_rows(batch["input_ids"].shape[1])
+        # DDP and FSDP2 average the processes' gradients; the step's mean wants their sum.
+        scale = distributed.data_parallel_size()
         self.model.train(self.dropout)
         total = torch.zeros((), dtype=torch.float64)
         with self._dropout_seed(step):
             for index in range(len(batch["input_ids"])):  # the step's micro-batches, [B, ...] each
-                micro_batch = self._tensors({k: v[index] for k, v in batch.items()})
+                micro_batch = self._tensors({k: v[index, rows] for k, v in batch.items()})
                 with self._autocast():
                     out = self.forward(micro_batch["input_ids"], micro_batch.get("attention_mask"))
                 losses, _ = self.loss_terms(out, micro_batch, self.model.config)
                 loss_sum = losses.sum()
-                (loss_sum / count).backward()  # gradients add up over micro-batches to the step's mean's
+                (loss_sum / count * scale).backward()  # gradients add up over micro-batches to the step's mean's
                 total += loss_sum.detach().double().cpu()
+        total = distributed.all_sum(total)
         if self.options.clip_norm:
             torch.nn.utils.clip_grad_norm_(self.params.values(), self.options.clip_norm)
         for group in self.optimizer.param_groups:
@@ -257,12 +289,13 @@ class TorchTrainer:
 
     def eval_outputs(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.model.eval()
-        inputs = self._tensors(batch)
+        inputs = self._tensors(batch)  # every process evaluates the whole batch (FSDP2 gathers the weights)
         with torch.no_grad(), self._autocast():
             out = self.forward(inputs["input_ids"], inputs.get("attention_mask"))
             losses, counts = self.loss_terms(out, inputs, self.model.config)
         outputs = {name: getattr(out, name).float() for name in self.output_names}
         outputs.update(loss_sum=losses.float(), loss_count=counts.float())
+        distributed.reshard(self.model)  # FSDP2 keeps the root's weights gathered after a forward without backward
         return {name: value.cpu().numpy() for name, value in outputs.items()}
 
     def optimizer_state(self) -> bytes:
@@ -274,6 +307,7 @@ class TorchTrainer:
             write_adapter(folder, plan, tensors, extra_files=extra_files)
         else:
             save_model(folder, self.model, self.options.save_dtype, extra_files)
+        distributed.barrier()  # every process returns once rank 0's commit is in place
 
     def restore(self, folder: Path, optimizer_state: bytes) -> None:
         if self.model.active_adapter is not None:
@@ -305,8 +339,12 @@ class TorchTrainer:
             yield
             return
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        # Each process draws its own masks for its own rows (one process: the (seed, step) draws of old).
+        entropy = [self.options.seed, step] + (
+            [torch.distributed.get_rank()] if torch.distributed.is_initialized() else []
+        )
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(np.random.SeedSequence([self.options.seed, step]).generate_state(1)[0]))
+            torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
             yield
 
 
@@ -324,11 +362,12 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer, params: Mapping[str, torch
     """AdamW's per-parameter state under canonical names, and the float32 weights when the saved weights are
     rounded (so that resuming is exact), as safetensors bytes."""
     tensors = {}
-    for name, param in params.items():
+    for name, param in params.items():  # sharded state gathered whole (every process calls this)
         for key, value in optimizer.state.get(param, {}).items():
-            tensors[f"{key}/{name}"] = value.detach().reshape(-1) if key == "step" else value.detach()
+            value = distributed.full(value.detach())
+            tensors[f"{key}/{name}"] = value.reshape(-1) if key == "step" else value
         if save_dtype != "float32":
-            tensors[f"master/{name}"] = param.detach()
+            tensors[f"master/{name}"] = distributed.full(param.detach())
     return safetensors.torch.save({k: v.contiguous().cpu() for k, v in tensors.items()}, {"format": "opt_torch"})
 
 
@@ -349,8 +388,8 @@ def restore_optimizer(optimizer, params: Mapping[str, torch.nn.Parameter], data:
             raise CheckpointError(f"{OPTIMIZER_NAME}: the state of {name} lacks some of {list(_STATE_KEYS)}")
         optimizer.state[param] = {
             "step": entries["step"].reshape(()).to(torch.float32),  # torch keeps it a CPU scalar
-            "exp_avg": entries["exp_avg"].to(param.device, param.dtype),
-            "exp_avg_sq": entries["exp_avg_sq"].to(param.device, param.dtype),
+            "exp_avg": distributed.like(param, entries["exp_avg"].to(param.device, param.dtype)),
+            "exp_avg_sq": distributed.like(param, entries["exp_avg_sq"].to(param.device, param.dtype)),
         }
 
 
@@ -363,7 +402,7 @@ def copy_weights(params: Mapping[str, torch.nn.Parameter], tensors: Mapping[str,
         for name, param in params.items():
             value = tensors[name]
             value = value if isinstance(value, torch.Tensor) else numpy_to_torch(np.asarray(value), torch.float32)
-            param.copy_(value.to(dtype=param.dtype, device=param.device))
+            param.copy_(distributed.like(param, value.to(dtype=param.dtype, device=param.device)))
 
 
 def adapter_checkpoint(folder: Path, model) -> dict[str, np.ndarray]:
@@ -374,8 +413,11 @@ def adapter_checkpoint(folder: Path, model) -> dict[str, np.ndarray]:
 
 
 def save_model(folder: Path, model, save_dtype: str, extra_files: Mapping[str, bytes]) -> None:
-    """The model in HF's layout (config with its head, generation config) and `extra_files`, in one commit."""
-    canonical = {name: torch_to_numpy(param) for name, param in canonical_parameters(model).items()}
+    """The model in HF's layout (config with its head, generation config) and `extra_files`, in one commit; in a
+    process group, gathered by every process and written by rank 0 only."""
+    canonical = {name: torch_to_numpy(distributed.full(param)) for name, param in canonical_parameters(model).items()}
+    if not distributed.is_main_process():
+        return
     core.save_pretrained(
         folder,
         canonical,
