@@ -10,6 +10,7 @@ OpenAI's error JSON; a bad request never stops the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -22,7 +23,7 @@ from opt_serve import protocol
 from opt_serve.engine import Completion, Engine, EngineBusy, Job, Update
 from opt_serve.sampling import draws
 
-DISCONNECT_POLL_S = 0.5  # how often a waiting whole-response request checks that its client is still there
+DISCONNECT_POLL_S = 0.25  # how often a waiting whole-response request checks that its client is still there
 
 
 class Server:
@@ -167,12 +168,16 @@ class _EngineFailed(Exception):
 
 
 async def _whole(response: _Response, updates: asyncio.Queue, request: Request) -> JSONResponse:
-    """Waits for every choice to finish; cancels the job if the client goes away meanwhile."""
+    """Waits for every choice to finish; cancels the job if the client goes away meanwhile (checked every
+    DISCONNECT_POLL_S, whether updates arrive or not)."""
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + DISCONNECT_POLL_S
     try:
         while not response.done:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):  # no update yet: check the client
                 response.add(await asyncio.wait_for(updates.get(), DISCONNECT_POLL_S))
-            except asyncio.TimeoutError:
+            if loop.time() >= next_check:
+                next_check = loop.time() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
                     response.job.cancel()
                     return JSONResponse(protocol.error_body("client disconnected"), status_code=499)

@@ -277,6 +277,16 @@ def test_cancelled_stream_frees_its_row(torch_server):
     assert answer.choices[0].finish_reason == "length"
 
 
+def test_a_whole_request_whose_client_leaves_frees_its_row(torch_server):
+    engine = torch_server.server.engine
+    body = dict(model="default", prompt="A", max_tokens=250, temperature=0, logit_bias={"2": -100})
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{torch_server.url}/v1/completions", json=body, timeout=0.3)
+    (completion,) = [c for _, c in engine.active.values()] or [None]
+    wait_until(lambda: not engine.active, what="the engine to free the abandoned row")
+    assert completion is None or len(completion.output) < 250
+
+
 # ----- bad requests
 
 
