@@ -24,6 +24,7 @@ import numpy as np
 from opt_core.checkpoint import load_checkpoint, save_checkpoint
 from opt_core.config import CONFIG_NAME, OPTConfig
 from opt_core.dtypes import check_dtype, dtype_name
+from opt_core.errors import ConfigError
 from opt_core.files import complete_interrupted_save
 from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, get_format
 from opt_core.generation import GENERATION_CONFIG_NAME, GenerationConfig, load_generation_config
@@ -56,13 +57,29 @@ class Loaded:
     generation_config: GenerationConfig
 
 
+# Options of one framework's from_pretrained that reach the shared code only from another framework's.
+_OTHER_FRAMEWORKS_OPTIONS = {
+    "tp_plan": "tensor parallelism is opt_torch's (from_pretrained(..., tp_plan='auto') under torchrun); "
+    "Flax shards with mesh=",
+}
+
+
+class UnknownArgumentError(ConfigError, TypeError):
+    """A keyword that is neither an option nor a config field: a ConfigError, as every refusal of this library,
+    and a TypeError, as Python answers an unexpected keyword."""
+
+
 def check_overrides(config_overrides: Mapping[str, Any], method: str) -> None:
-    """Refuses a keyword that is neither an option of `method` nor a config field (HF would silently keep it)."""
+    """Refuses a keyword that is neither an option of `method` nor a config field (HF would silently keep it as a
+    config attribute and load as if it were not given), naming each."""
     fields = {f.name for f in dataclasses.fields(OPTConfig)} - {"extra"}
     unknown = sorted(set(config_overrides) - fields - _OVERRIDABLE_KEYS)
     if unknown:
-        raise TypeError(
-            f"{method}() got arguments that are neither its options nor config fields: {', '.join(unknown)}"
+        hints = "".join(
+            f"; {name}: {_OTHER_FRAMEWORKS_OPTIONS[name]}" for name in unknown if name in _OTHER_FRAMEWORKS_OPTIONS
+        )
+        raise UnknownArgumentError(
+            f"{method}() got arguments that are neither its options nor config fields: {', '.join(unknown)}{hints}"
         )
 
 
@@ -93,7 +110,7 @@ def load_pretrained(
         fmt: read this checkpoint format ("safetensors", "pytorch", "tf", "flax") when the folder holds several.
         revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
         **config_overrides: config fields to override, as HF's keyword overrides (e.g. `num_labels=3`); a keyword
-            that is no config field raises TypeError, naming it.
+            that is no config field raises `UnknownArgumentError` (a ConfigError and a TypeError), naming it.
     """
     overrides = dict(config_overrides)
     check_overrides(overrides, "from_pretrained")

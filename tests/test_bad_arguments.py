@@ -18,6 +18,13 @@ are refused (HF warns); special token ids must be in [0, vocab_size) (HF warns o
 not supported and are refused naming both options (HF runs the first, silently drops the second's `penalty_alpha`,
 and raises for the third). An unknown `generate` keyword stays a TypeError, as for an unknown `from_pretrained`
 keyword (Python's convention; HF raises a ValueError).
+
+`from_pretrained` refuses a keyword that is neither one of its options nor a config field, naming it, in all three
+frameworks (`opt_core.pretrained.UnknownArgumentError`, a ConfigError and a TypeError): HF keeps such a keyword as a
+config attribute and loads as if it had not been given, which is how `tp_plan="auto"` once loaded the whole model in
+one process here. `tp_plan` is PyTorch's (tensor parallelism under torchrun, `opt_torch.distributed`); Keras and
+Flax refuse it, and PyTorch refuses a plan other than "auto", a process that torchrun did not start, and tp_plan
+with int8 quantization or an adapter.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from conftest import sample_batch
 
 from opt_core.errors import ConfigError, InputError
 from opt_core.pipeline import pipeline
+from opt_core.pretrained import UnknownArgumentError
 
 NAN = float("nan")
 
@@ -339,6 +347,52 @@ def test_a_strategy_this_library_lacks_loads_from_generation_config_json_and_gen
         config.validate()
 
 
+# ----- from_pretrained
+
+FROM_PRETRAINED = [
+    row("unknown-option", dict(device_map="auto"), UnknownArgumentError, "device_map"),
+    row("misspelt-config-field", dict(dropuot=0.1), UnknownArgumentError, "dropuot"),
+    row("two-unknown", dict(load_in_8bit=True, tp_size=2), UnknownArgumentError, "load_in_8bit", "tp_size"),
+]
+FROM_PRETRAINED_NOT_TORCH = [  # tensor parallelism is torch's
+    row("tp_plan", dict(tp_plan="auto"), UnknownArgumentError, "tp_plan", "opt_torch", "torchrun"),
+]
+FROM_PRETRAINED_TORCH = [  # refused in opt_torch before anything is read
+    row("tp_plan-not-auto", dict(tp_plan="colwise"), ConfigError, "tp_plan", "'colwise'"),
+    row("tp_plan-without-torchrun", dict(tp_plan="auto"), ConfigError, "torchrun", "WORLD_SIZE"),
+    row("tp_plan+quantize", dict(tp_plan="auto", quantize="int8"), ConfigError, "tp_plan='auto'", "quantize='int8'"),
+    row("tp_plan+adapter", dict(tp_plan="auto", adapter="a"), ConfigError, "tp_plan='auto'", "adapter='a'"),
+]
+
+
+def load_call(framework, hf_checkpoint, kwargs):
+    folder, _ = hf_checkpoint("pre_ln")
+    return lambda: framework.load(folder, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, names", FROM_PRETRAINED)
+def test_from_pretrained(framework, hf_checkpoint, kwargs, error, names):
+    assert issubclass(error, TypeError)  # Python's answer to an unexpected keyword, as before
+    assert_refused(load_call(framework, hf_checkpoint, kwargs), error, names, ("check_overrides",))
+
+
+@pytest.mark.parametrize("framework", ["tf", "flax"], indirect=True)
+@pytest.mark.parametrize("kwargs, error, names", FROM_PRETRAINED_NOT_TORCH)
+def test_from_pretrained_not_torch(framework, hf_checkpoint, kwargs, error, names):
+    assert_refused(load_call(framework, hf_checkpoint, kwargs), error, names, ("check_overrides",))
+
+
+@pytest.mark.parametrize("framework", ["torch"], indirect=True)
+@pytest.mark.parametrize("kwargs, error, names", FROM_PRETRAINED_TORCH)
+def test_from_pretrained_torch(framework, hf_checkpoint, kwargs, error, names, monkeypatch):
+    for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(error) as info:
+        load_call(framework, hf_checkpoint, kwargs)()
+    for name in names:
+        assert name in str(info.value), f"{name!r} not named in: {info.value}"
+
+
 # ----- the text-generation pipeline
 
 PIPELINE_BUILD = [
@@ -447,6 +501,7 @@ CLI = [  # id, command line, the option and the value its error line must name
     ("train-vocab-size-10", TRAIN + " --vocab-size 10", "--vocab-size", "10"),
     ("train-save-dtype", TRAIN + " --save-dtype int8", "--save-dtype", "'int8'"),
     ("train-seed--1", TRAIN + " --seed -1", "--seed", "-1"),
+    ("train-data-parallel", TRAIN + " --data-parallel zero3", "--data-parallel", "'zero3'"),
     ("train-missing-file", "train --train-files /no/such.txt --output {out}", "--train-files", "/no/such.txt"),
     ("train-missing-eval-file", TRAIN + " --eval-files /no/eval.txt", "--eval-files", "/no/eval.txt"),
     ("no-command", "", "command", "required"),
