@@ -38,7 +38,8 @@ def add_export(sub) -> None:
     p.add_argument("--to", required=True, choices=TARGETS, help="the runtime's format")
     p.add_argument("--opset", type=_positive, default=None, help="onnx: the ONNX opset (default 18)")
     p.add_argument("--batch-size", type=_positive, default=None, help="tflite: the fixed batch size (default 1)")
-    p.add_argument("--sequence-length", type=_positive, default=None, help="tflite: the fixed length (default 128)")
+    length_help = "tflite: the fixed sequence length (default 128, or the model's maximum when smaller)"
+    p.add_argument("--sequence-length", type=_positive, default=None, help=length_help)
     p.set_defaults(run=run_export, check=check_export)
 
 

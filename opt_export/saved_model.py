@@ -77,10 +77,11 @@ def export_tflite(
     config: OPTConfig,
     out: Path,
     batch_size: int = DEFAULT_TFLITE_BATCH,
-    sequence_length: int = DEFAULT_TFLITE_LENGTH,
+    sequence_length: int | None = None,
 ) -> dict:
-    """Writes `out/model.tflite`, converted from a SavedModel of the model at B = batch_size, T = sequence_length;
-    returns the description `export.json` holds."""
+    """Writes `out/model.tflite`, converted from a SavedModel of the model at B = batch_size, T = sequence_length
+    (default: 128, or max_position_embeddings when smaller); returns the description `export.json` holds."""
+    sequence_length = sequence_length or min(DEFAULT_TFLITE_LENGTH, config.max_position_embeddings)
     with tempfile.TemporaryDirectory(dir=out) as saved:
         write_saved_model(model_folder, Path(saved))
         (out / TFLITE_FILE).write_bytes(convert_to_tflite(Path(saved), batch_size, sequence_length))
