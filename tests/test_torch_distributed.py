@@ -13,6 +13,7 @@ workers write what the test compares into the folder it names. Every launch has 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -227,6 +228,60 @@ def test_distributed_training_writes_the_normal_full_checkpoint(one_process_trai
             if name.endswith("k_proj.bias"):  # softmax cancels it: Adam scales its rounding-noise gradient to lr
                 continue
             np.testing.assert_allclose(got[name], value, atol=WEIGHT_ATOL, err_msg=f"{kind} {file}: {name}")
+
+
+# ----- opt-lm train under torchrun, resumed (slow: two more launches)
+
+
+def cli_flags(options) -> list[str]:
+    """The `opt-lm train` command line of TrainOptions made by `training_options`."""
+    flags = ["train", "--framework", "torch", "--model", str(options.init_from), "--output", str(options.output)]
+    flags += ["--train-files", *map(str, options.train_files), "--tokenizer", str(options.tokenizer)]
+    for name in ("steps", "batch_size", "grad_accum", "learning_rate", "warmup_steps", "schedule", "weight_decay"):
+        flags += [f"--{name.replace('_', '-')}", str(getattr(options, name))]
+    for name in ("clip_norm", "seq_len", "eval_fraction", "eval_every", "save_every", "log_every", "data_parallel"):
+        flags += [f"--{name.replace('_', '-')}", str(getattr(options, name))]
+    return flags + ["--no-dropout"] + (["--resume"] if options.resume else [])
+
+
+def cli_under_torchrun(options) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [*command, "-m", "opt_cli.main", *cli_flags(options)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+    )
+    assert done.returncode == 0, f"opt-lm train under torchrun failed:\n{done.stderr[-6000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_opt_lm_train_under_torchrun_resumes_with_the_one_process_losses(tmp_path, training_setup, kind):
+    """5 steps, then --resume to 10 (restoring the sharded weights and AdamW state), through the CLI under
+    torchrun: the log of one process doing the same."""
+    import torch
+
+    from opt_torch.train import train
+
+    first = training_options(*training_setup, tmp_path / "torchrun", steps=5, data_parallel=kind)
+    cli_under_torchrun(first)
+    cli_under_torchrun(dataclasses.replace(first, steps=TRAIN_STEPS, resume=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = dataclasses.replace(first, output=tmp_path / "alone")
+        train(alone, device="cpu")
+        train(dataclasses.replace(alone, steps=TRAIN_STEPS, resume=True), device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    expected, got = losses_of(alone.output), losses_of(first.output)
+    assert len(got) == len(expected) == TRAIN_STEPS
+    worst = float(np.max(np.abs(np.asarray(got) - np.asarray(expected))))
+    print(f"{kind} through opt-lm, resumed at step 5: worst per-step loss difference vs one process {worst:.3g}")
+    assert worst <= LOSS_ATOL
 
 
 def train_worker(arguments: dict) -> None:
