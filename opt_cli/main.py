@@ -298,7 +298,13 @@ def run_info(args) -> int:
 
 
 def add_score(sub) -> None:
-    p = sub.add_parser("score", help="log-likelihood and perplexity of a text file")
+    p = sub.add_parser(
+        "score",
+        help="log-likelihood and perplexity of a text file (lm_eval's rolling windows)",
+        description="Scores the file as lm-evaluation-harness' HF backend scores a document (loglikelihood_rolling): "
+        "the text's tokens with the `</s>` OPT's tokenizer puts in front, each predicted once, in rolling windows of "
+        "--window tokens that give every prediction as much context as the window holds.",
+    )
     p.add_argument("file", type=Path, help="a UTF-8 text file")
     _model_arguments(p)
     p.add_argument(
@@ -329,37 +335,45 @@ def run_score(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"tokens scored      {result['tokens']}")
+        print(f"tokens scored      {result['tokens']} (the leading </s> included, as lm_eval scores it)")
         print(f"log-likelihood     {result['log_likelihood']:.3f} nats")
         print(f"mean NLL / token   {result['mean_nll']:.4f}")
         print(f"perplexity         {result['perplexity']:.3f}")
+        print(f"windows            {result['windows']} rolling windows of {result['window']} tokens (lm_eval's rule)")
     return 0
 
 
+SCORE_BATCH = 8  # windows per forward pass
+
+
 def score_text(model, tokenizer, text: str, window: int | None = None) -> dict:
-    """Scores the text in consecutive windows, each starting with `</s>` as OPT's tokenizer does."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    window = min(window or model.config.max_position_embeddings, model.config.max_position_embeddings) - 1
-    if not ids:
+    """The text's log-likelihood as lm_eval's HF backend computes it for one document (`loglikelihood_rolling`):
+    its ids with OPT's leading `</s>`, each predicted once in rolling windows of `window` tokens
+    (`opt_core.scoring.rolling_windows`); `opt-lm eval` and the `opt-lm` lm_eval backend use the same rule."""
+    from opt_core import scoring
+
+    positions = model.config.max_position_embeddings
+    window = min(window or positions, positions)
+    ids = tokenizer.encode(text)
+    if len(ids) <= 1:
         raise OPTError("nothing to score: the text tokenizes to no tokens")
-    total, count = 0.0, 0
-    for start in range(0, len(ids), window):
-        chunk = np.array([[tokenizer.bos_token_id, *ids[start : start + window]]], dtype=np.int64)
-        logits = model.logits(chunk, np.ones_like(chunk)).astype(np.float64)[0, :-1]
-        log_probs = logits - _logsumexp(logits)
-        total += float(log_probs[np.arange(len(chunk[0]) - 1), chunk[0, 1:]].sum())
-        count += chunk.shape[1] - 1
+    windows = scoring.rolling_windows(ids, tokenizer.bos_token_id, window)
+    total = 0.0
+    for start in range(0, len(windows), SCORE_BATCH):
+        batch = windows[start : start + SCORE_BATCH]
+        inputs = [scoring.model_input(context, continuation, window) for context, continuation in batch]
+        batch_ids, mask = scoring.right_padded(inputs, tokenizer.pad_token_id)
+        logits = model.logits(batch_ids, mask)  # B T V
+        for row, fed, (_, continuation) in zip(logits, inputs, batch):
+            total += scoring.continuation_score(row, len(fed), continuation)[0]
     return {
-        "tokens": count,
+        "tokens": len(ids),
         "log_likelihood": total,
-        "mean_nll": -total / count,
-        "perplexity": math.exp(-total / count),
+        "mean_nll": -total / len(ids),
+        "perplexity": math.exp(-total / len(ids)),
+        "windows": len(windows),
+        "window": window,
     }
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    peak = x.max(axis=-1, keepdims=True)
-    return peak + np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))
 
 
 # ----- convert and train (their modules own the options)
@@ -499,10 +513,11 @@ def run_merge(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="opt-lm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    from opt_cli.evaluate import add_eval
     from opt_cli.export import add_export
     from opt_cli.serve import add_serve
 
-    for add in (add_generate, add_convert, add_info, add_score, add_train, add_merge, add_export, add_serve):
+    for add in (add_generate, add_convert, add_info, add_score, add_train, add_merge, add_export, add_serve, add_eval):
         add(sub)
     return parser
 
