@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import io_callback
 
+from opt_core import compile_cache
 from opt_core.generation import DecodeOptions, GenerationConfig, StopStrings, prepare_generation
 from opt_flax.cache import KVCache
 from opt_flax.decode_layout import DecodeLayout
@@ -463,6 +464,14 @@ LOOPS = {"sample": sample_or_greedy, "contrastive": contrastive_search, "beam": 
 _DECODING_FUNCTIONS: dict[tuple, object] = {}  # (strategy, module class, config, dtypes) -> the jitted loop
 
 
+def _use_persistent_cache() -> None:
+    """Keeps compiled decoding loops on disk between processes (`opt_core.compile_cache`), unless the user set
+    JAX's cache folder already: a second process's first `generate` then loads instead of compiling."""
+    folder = compile_cache.cache_folder("jax")
+    if folder is not None and jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+
+
 class GenerationMixin:
     """`generate()` for FlaxOPTForCausalLM, with HF's arguments and HF PyTorch's return value."""
 
@@ -516,6 +525,7 @@ class GenerationMixin:
         """The jitted loop, made once per strategy and model configuration (so a reloaded model reuses it): jit's
         own cache then keys compilations on the input shapes and the static fields of DecodeOptions."""
         key = (strategy, type(self.module), self.config.to_json_string(), str(self.dtype), str(self.param_dtype))
+        _use_persistent_cache()
         if key not in _DECODING_FUNCTIONS:
             _DECODING_FUNCTIONS[key] = jax.jit(functools.partial(LOOPS[strategy], self.module))
         return _DECODING_FUNCTIONS[key]

@@ -7,6 +7,7 @@ Every framework's tests load the same folders, so the three implementations are 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Compiled decoding programs go to a folder of this run (shared with the CLI subprocesses), not the user's cache.
+os.environ.setdefault("OPT_LM_COMPILE_CACHE", tempfile.mkdtemp(prefix="opt-lm-compiled-"))
 
 # The matrix of config variants (DESIGN.md section 6). Tiny so the whole suite stays fast.
 BASE = dict(
