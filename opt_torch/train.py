@@ -91,7 +91,8 @@ def train(options: TrainOptions | None = None, *, device: str | None = None, com
     options = options if options is not None else TrainOptions(**flags)
     joined = distributed.launched_by_torchrun() and not torch.distributed.is_initialized()
     if distributed.launched_by_torchrun():
-        device = device or distributed.init_distributed()
+        rank_device = distributed.init_distributed()
+        device = device or rank_device
     try:
         return train_with(
             options, build_model, lambda model: TorchTrainer(model, options, device=device, compile=compile)
@@ -253,6 +254,7 @@ class TorchTrainer:
         if torch.distributed.is_initialized():
             if model.active_adapter is not None:
                 raise ConfigError("LoRA training is not supported under torchrun yet: train it in one process")
+            distributed.local_rows(options.batch_size)  # refuses a batch the processes cannot share evenly
             self.forward = distributed.shard_for_training(self.model, options.data_parallel, self.device)
         self.params = trained_parameters(self.model)  # after sharding: FSDP2 replaces the parameters
         self.optimizer = build_optimizer(self.model, options)
