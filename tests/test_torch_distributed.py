@@ -53,13 +53,19 @@ def torchrun(tmp_path: Path, mode: str, arguments: dict) -> Path:
 
 
 TP_VARIANTS = ("pre_ln", "post_ln_proj")
+TP_HEADS = {  # the other heads, on HF checkpoints that hold them: {head: (class name, output compared)}
+    "base": ("OPTModel", "last_hidden_state"),
+    "sequence_classification": ("OPTForSequenceClassification", "logits"),
+    "question_answering": ("OPTForQuestionAnswering", "start_logits"),
+}
 
 
 @pytest.fixture(scope="module")
 def tensor_parallel_run(tmp_path_factory, hf_checkpoint):
-    """{variant: folder}, and the workers' outputs: one torchrun launch for every variant."""
+    """({variant or head: folder}, the workers' output folder): one torchrun launch for all of them."""
     folders = {variant: str(hf_checkpoint(variant)[0]) for variant in TP_VARIANTS}
-    return folders, torchrun(tmp_path_factory.mktemp("tp"), "tp", {"folders": folders})
+    heads = {head: str(hf_checkpoint("pre_ln", head)[0]) for head in TP_HEADS}
+    return {**folders, **heads}, torchrun(tmp_path_factory.mktemp("tp"), "tp", {"folders": folders, "heads": heads})
 
 
 def one_process_outputs(folder: str) -> dict[str, np.ndarray]:
@@ -89,6 +95,28 @@ def test_tensor_parallel_logits_and_ids_equal_one_process(tensor_parallel_run, v
         np.testing.assert_array_equal(got["beam"], expected["beam"])
 
 
+def head_output(head: str, folder: str, ids, mask, tp_plan: str | None = None) -> np.ndarray:
+    import torch
+
+    import opt_torch
+
+    class_name, output = TP_HEADS[head]
+    model = getattr(opt_torch, class_name).from_pretrained(folder, tp_plan=tp_plan)
+    with torch.no_grad():
+        return getattr(model(torch.from_numpy(ids), torch.from_numpy(mask)), output).numpy()
+
+
+@pytest.mark.parametrize("head", list(TP_HEADS))
+def test_tensor_parallel_heads_equal_one_process(tensor_parallel_run, head):
+    folders, out = tensor_parallel_run
+    ids, mask = sample_batch()
+    expected = head_output(head, folders[head], ids, mask)
+    real = mask if expected.ndim > 2 or head == "question_answering" else np.ones(len(ids))  # pooled: one per row
+    for rank in range(NPROC):
+        got = np.load(out / f"{head}_rank{rank}.npy")
+        assert_close_on_real_tokens(got, expected, real, FP32_ATOL, f"{head} rank {rank}")
+
+
 def test_each_rank_holds_its_block_of_the_split_weights(tensor_parallel_run):
     from opt_core.safetensors_file import read_safetensors
 
@@ -109,8 +137,10 @@ def test_a_tensor_parallel_model_saves_the_whole_checkpoint(tensor_parallel_run)
     from opt_core.safetensors_file import read_safetensors
 
     folders, out = tensor_parallel_run
-    for variant, folder in folders.items():
-        saved, stored = (read_safetensors(Path(f) / "model.safetensors") for f in (out / f"{variant}_saved", folder))
+    for variant in TP_VARIANTS:
+        saved, stored = (
+            read_safetensors(Path(f) / "model.safetensors") for f in (out / f"{variant}_saved", folders[variant])
+        )
         assert set(saved) == set(stored)
         for name, value in saved.items():
             np.testing.assert_array_equal(value, stored[name], err_msg=f"{variant}: {name}")
@@ -138,6 +168,8 @@ def tp_worker(arguments: dict) -> None:
             blocks = {name: value.placements[0].dim for name, value in split.items()}
             (out / "blocks.json").write_text(json.dumps(blocks))
         model.save_pretrained(out / f"{variant}_saved")  # gathered by every rank, written by rank 0
+    for head, folder in arguments["heads"].items():
+        np.save(out / f"{head}_rank{rank}.npy", head_output(head, folder, ids.numpy(), mask.numpy(), "auto"))
     dist.destroy_process_group()
 
 
