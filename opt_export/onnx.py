@@ -73,8 +73,7 @@ def dynamic_shapes(layers: int) -> tuple:
 
 
 def export_onnx(model_folder: Path, config: OPTConfig, out: Path, opset: int = DEFAULT_OPSET) -> dict:
-    """Writes `out/model.onnx` (weights beside it in `model.onnx.data` when the exporter needs to); returns the
-    description `export.json` holds."""
+    """Writes `out/model.onnx`; returns the description `export.json` holds."""
     model = OPTForCausalLM.from_pretrained(model_folder, attn_implementation="eager").eval()
     layers = config.num_hidden_layers
     with torch.no_grad():
@@ -90,7 +89,7 @@ def export_onnx(model_folder: Path, config: OPTConfig, out: Path, opset: int = D
             verbose=False,
         )
     name_mask_axis(program.model)
-    program.save(str(out / MODEL_FILE), external_data=_needs_external_data(model))
+    program.save(str(out / MODEL_FILE))  # over ONNX's 2 GB limit the weights go beside it, in model.onnx.data
     return describe(config, opset)
 
 
@@ -98,12 +97,6 @@ def name_mask_axis(model: onnx_ir.Model) -> None:
     """The mask's length axis as Optimum names it (torch.export names a dimension with an identifier only)."""
     mask = next(value for value in model.graph.inputs if value.name == "attention_mask")
     mask.shape = onnx_ir.Shape([mask.shape[0], onnx_ir.SymbolicDim("past_sequence_length + sequence_length")])
-
-
-def _needs_external_data(model: torch.nn.Module) -> bool:
-    """ONNX's protobuf holds 2 GB at most; larger models keep their weights in a file beside it."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return size > 1_500_000_000
 
 
 def describe(config: OPTConfig, opset: int) -> dict:

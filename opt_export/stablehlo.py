@@ -5,7 +5,8 @@ Siblings: `opt_export.onnx` (PyTorch), `opt_export.saved_model` (Keras).
 The function exported is `(input_ids, attention_mask) -> logits` with the params closed over, so the weights are
 constants of the module and the file is the whole model: `jax.export.deserialize(data).call(ids, mask)` runs it in
 any process with jax alone (no flax, no this library). Batch and sequence are symbolic dimensions
-(`jax.export.symbolic_shape`), so one export serves every shape; each new shape compiles once in the caller.
+(`jax.export.symbolic_shape`), so one export serves every shape; each new shape compiles once in the caller. It is
+lowered for CPU, CUDA and TPU alike.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from opt_export.common import ids_and_mask, logits
 from opt_flax import FlaxOPTForCausalLM
 
 MODEL_FILE = "model.jax_exported"
+# Lowered for every JAX backend, so the one file runs where its user's jax does (the caller picks at `call`).
+PLATFORMS = ("cpu", "cuda", "tpu")
 
 
-def exported_forward(model_folder: Path, platforms: tuple[str, ...] | None = None) -> jax_export.Exported:
+def exported_forward(model_folder: Path, platforms: tuple[str, ...] = PLATFORMS) -> jax_export.Exported:
     """The jitted forward of the model at `model_folder`, exported for symbolic B T int32 ids and mask."""
     model = FlaxOPTForCausalLM.from_pretrained(model_folder)
     params = model.params
