@@ -362,14 +362,21 @@ def _has_dropout(model) -> bool:
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor], save_dtype: str) -> bytes:
     """AdamW's per-parameter state under canonical names, and the float32 weights when the saved weights are
-    rounded (so that resuming is exact), as safetensors bytes."""
+    rounded (so that resuming is exact), as safetensors bytes. Sharded state is gathered tensor by tensor (every
+    process calls this) and kept by the main process only; the others return b""."""
     tensors = {}
-    for name, param in params.items():  # sharded state gathered whole (every process calls this)
+    keep = distributed.is_main_process()
+    for name, param in params.items():
         for key, value in optimizer.state.get(param, {}).items():
             value = distributed.full(value.detach())
-            tensors[f"{key}/{name}"] = value.reshape(-1) if key == "step" else value
+            if keep:
+                tensors[f"{key}/{name}"] = value.reshape(-1) if key == "step" else value
         if save_dtype != "float32":
-            tensors[f"master/{name}"] = distributed.full(param.detach())
+            value = distributed.full(param.detach())
+            if keep:
+                tensors[f"master/{name}"] = value
+    if not keep:
+        return b""
     return safetensors.torch.save({k: v.contiguous().cpu() for k, v in tensors.items()}, {"format": "opt_torch"})
 
 
@@ -416,9 +423,13 @@ def adapter_checkpoint(folder: Path, model) -> dict[str, np.ndarray]:
 
 def save_model(folder: Path, model, save_dtype: str, extra_files: Mapping[str, bytes]) -> None:
     """The model in HF's layout (config with its head, generation config) and `extra_files`, in one commit; in a
-    process group, gathered by every process and written by rank 0 only."""
-    canonical = {name: torch_to_numpy(distributed.full(param)) for name, param in canonical_parameters(model).items()}
-    if not distributed.is_main_process():
+    process group, gathered tensor by tensor by every process and kept and written by rank 0 only."""
+    keep, canonical = distributed.is_main_process(), {}
+    for name, param in canonical_parameters(model).items():
+        whole = distributed.full(param)
+        if keep:
+            canonical[name] = torch_to_numpy(whole)
+    if not keep:
         return
     core.save_pretrained(
         folder,
