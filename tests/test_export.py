@@ -135,6 +135,18 @@ def test_round_trip_in_the_runtime(target, variant, hf_checkpoint, tmp_path, cap
     if new_tokens is not None:
         expected = model.generate(ids, mask, max_new_tokens=new_tokens, do_sample=False)
         np.testing.assert_array_equal(ran["greedy"], expected)
+        check_greedy_stops_at_eos(out, tmp_path, model, ids, mask, eos=int(expected[0, LENGTH + 1]))
+
+
+def check_greedy_stops_at_eos(out: Path, tmp_path: Path, model, ids, mask, eos: int) -> None:
+    """With row 0's second new token as eos (read from the export's generation_config.json), that row is padded
+    from there on while the others go on, and decoding stops when all have met it: `generate`'s ids."""
+    config = json.loads((out / "generation_config.json").read_text())
+    (out / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+    ran = run_in_runtime(out, tmp_path, ids, mask, NEW_TOKENS)
+    expected = model.generate(ids, mask, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos)
+    assert (expected[0, LENGTH + 2 :] == model.config.pad_token_id).all()
+    np.testing.assert_array_equal(ran["greedy"], expected)
 
 
 def refused(capfd, *argv: str) -> str:
