@@ -32,6 +32,16 @@ TRAIN_STEPS = 10
 LOSS_ATOL = 1e-5
 # Worst |weight - one-process weight| after them: 6e-8 (but k_proj's bias, as in test_train_torch); Adam's state 1.5e-8.
 WEIGHT_ATOL = 1e-6
+# The workers compare with one CPU process: gloo on the CPU even where GPUs exist (NCCL wants a GPU per rank).
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def launch(*program: str) -> None:
+    """`torchrun --standalone --nproc-per-node NPROC <program>` (a script and its arguments, or -m module ...)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}", *program]
+    env = {**os.environ, **WORKER_ENV}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, f"{program} under torchrun failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
 
 
 def torchrun(tmp_path: Path, mode: str, arguments: dict) -> Path:
@@ -40,12 +50,7 @@ def torchrun(tmp_path: Path, mode: str, arguments: dict) -> Path:
     out.mkdir()
     spec = tmp_path / f"{mode}.json"
     spec.write_text(json.dumps({**arguments, "out": str(out)}))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [*command, __file__, mode, str(spec)], env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT
-    )
-    assert done.returncode == 0, f"torchrun {mode} failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    launch(__file__, mode, str(spec))
     return out
 
 
@@ -276,19 +281,6 @@ def cli_flags(options) -> list[str]:
     return flags + ["--no-dropout"] + (["--resume"] if options.resume else [])
 
 
-def cli_under_torchrun(options) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={NPROC}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [*command, "-m", "opt_cli.main", *cli_flags(options)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=LAUNCH_TIMEOUT,
-    )
-    assert done.returncode == 0, f"opt-lm train under torchrun failed:\n{done.stderr[-6000:]}"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fsdp", "ddp"])
 def test_opt_lm_train_under_torchrun_resumes_with_the_one_process_losses(tmp_path, training_setup, kind):
@@ -299,8 +291,8 @@ def test_opt_lm_train_under_torchrun_resumes_with_the_one_process_losses(tmp_pat
     from opt_torch.train import train
 
     first = training_options(*training_setup, tmp_path / "torchrun", steps=5, data_parallel=kind)
-    cli_under_torchrun(first)
-    cli_under_torchrun(dataclasses.replace(first, steps=TRAIN_STEPS, resume=True))
+    launch("-m", "opt_cli.main", *cli_flags(first))
+    launch("-m", "opt_cli.main", *cli_flags(dataclasses.replace(first, steps=TRAIN_STEPS, resume=True)))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
