@@ -14,6 +14,9 @@ LoRA adapters (`add_adapter`, `load_adapter`, ...) come from `opt_torch.lora.Lor
 int8 weight-only quantization (`quantize("int8")`, `from_pretrained(..., quantize="int8")`, or a folder saved
 quantized): the decoder's dense layers become `opt_torch.quantization.Int8Linear`; the rules and the file layout
 are `opt_core.quantization`.
+
+Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun) is `opt_torch.distributed`'s: the model
+is split on the meta device and each rank assigned only its slices of the memory-mapped checkpoint.
 """
 
 from __future__ import annotations
@@ -224,6 +227,8 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         with torch.device("meta"):
             model = cls(config)
         if quantization.has_scales(tensors):
+            if tp_plan is not None:
+                raise ConfigError(f"tp_plan={tp_plan!r} with an int8 checkpoint is not supported: {loaded.folder}")
             model._int8_layers_on_meta()
         if tp_plan is not None:
             model._assign_tensor_parallel(tensors, target, device_mesh)
