@@ -30,14 +30,12 @@ FRAMEWORKS = ("torch", "tf", "flax")
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "opt_cli", "default_model")
 
 
-def _positive_int(name: str, value: Any) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if isinstance(value, bool) or number < 1 or str(number) != str(value).strip():
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return number
+def _integer(name: str, value: Any, low: int = 1) -> int:
+    """A model argument that must be a whole number of at least `low` (lm_eval passes numbers or strings)."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < low:
+        raise ConfigError(f"{name} must be an integer of at least {low}, got {value!r}")
+    return int(text)
 
 
 def _check_options(framework: str, quantize: Any) -> None:
@@ -89,11 +87,11 @@ class OPTLM(TemplateLM):
         _check_options(framework, quantize)
         self.pretrained = str(pretrained or DEFAULT_MODEL)
         self.framework = framework
-        self._batch_size = _positive_int("batch_size", batch_size)
-        self.seed = int(seed)
+        self._batch_size = _integer("batch_size", batch_size)
+        self.seed = _integer("seed", seed, low=0)
         self.model, self.tokenizer = _load(self.pretrained, framework, dtype, quantize, adapter)
         positions = self.model.config.max_position_embeddings
-        self._max_length = positions if max_length is None else _positive_int("max_length", max_length)
+        self._max_length = positions if max_length is None else _integer("max_length", max_length)
         self._logits = _jitted_logits(self.model) if framework == "flax" else self.model.logits
         if self._max_length > positions:
             raise ConfigError(f"max_length={self._max_length} exceeds the model's max_position_embeddings={positions}")
