@@ -29,7 +29,7 @@ from opt_core.files import complete_interrupted_save
 from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, get_format
 from opt_core.generation import GENERATION_CONFIG_NAME, GenerationConfig, load_generation_config
 from opt_core.hub import resolve_model
-from opt_core.quantization import has_scales, with_quantization_config
+from opt_core.quantization import dequantize_state, has_scales, with_quantization_config
 from opt_core.weights import fresh_parameter
 
 EMBED_TOKENS = "model.decoder.embed_tokens.weight"
@@ -94,6 +94,7 @@ def load_pretrained(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
     token: str | bool | None = None,
+    keep_int8: bool = False,
     **config_overrides: Any,
 ) -> Loaded:
     """Reads everything a model of `head` needs from a local folder, the HF cache, or the hub.
@@ -109,6 +110,10 @@ def load_pretrained(
         config: use this config instead of the folder's config.json.
         fmt: read this checkpoint format ("safetensors", "pytorch", "tf", "flax") when the folder holds several.
         revision, cache_dir, local_files_only, token: passed to huggingface_hub for hub ids.
+        keep_int8: the caller computes with int8 weights (opt_torch). Otherwise an int8 checkpoint
+            (`opt_core.quantization`) is dequantized here, weight by weight, to the stored float dtype, and the
+            config loses its `quantization_config`: the model computes in float with the dequantized weights, as
+            HF transformers does with such a folder.
         **config_overrides: config fields to override, as HF's keyword overrides (e.g. `num_labels=3`); a keyword
             that is no config field raises `UnknownArgumentError` (a ConfigError and a TypeError), naming it.
     """
@@ -134,6 +139,9 @@ def load_pretrained(
         for spec in match.missing_head_params:
             tensors[spec.name] = fresh_parameter(spec, config, rng)
     stored = np.dtype(match.tensors[EMBED_TOKENS].dtype)
+    if not keep_int8 and has_scales(tensors):
+        tensors = dequantize_state(tensors, stored)
+        config = with_quantization_config(config, False)
     return Loaded(folder, config, tensors, stored, load_generation_config(folder, config))
 
 

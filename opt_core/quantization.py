@@ -212,6 +212,18 @@ def quantize_state(canonical: Mapping[str, Any], config: OPTConfig, head: str) -
     return out
 
 
+def dequantize_state(canonical: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
+    """The canonical tensors with every int8 weight replaced by `dequantize_int8` in `dtype` and the scales
+    dropped (the other tensors as they are, not copied)."""
+    out: dict[str, Any] = {}
+    for name, array in canonical.items():
+        if name.endswith(".weight" + SCALE_SUFFIX):
+            continue
+        scale = canonical.get(scale_name(name))
+        out[name] = array if scale is None else dequantize_int8(array, scale, dtype)
+    return out
+
+
 def has_scales(canonical: Mapping[str, Any]) -> bool:
     return any(name.endswith(".weight" + SCALE_SUFFIX) for name in canonical)
 

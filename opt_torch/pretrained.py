@@ -142,8 +142,8 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         symmetric; embeddings, norms, biases and the heads stay float); returns the model.
 
         The model then computes its dense layers with `torch.ops.aten._weight_int8pack_mm` on CPU
-        (`opt_torch.quantization`), and `save_pretrained` writes the int8 layout, which only this library reads
-        correctly. Adapters go on after quantizing (LoRA over the frozen int8 base).
+        (`opt_torch.quantization`), and `save_pretrained` writes compressed-tensors' int8 layout, which HF
+        transformers reads too. Adapters go on after quantizing (LoRA over the frozen int8 base).
 
         Args:
             method: "int8".
@@ -218,7 +218,7 @@ class PreTrainedOPT(LoraMixin, nn.Module):
             _check_quantize(quantize)
         if tp_plan is not None:
             _check_tensor_parallel(tp_plan, quantize, adapter)
-        loaded = core.load_pretrained(name_or_path, cls.head, seed=seed, **kwargs)
+        loaded = core.load_pretrained(name_or_path, cls.head, seed=seed, keep_int8=True, **kwargs)
         config, tensors = loaded.config, loaded.tensors
         if quantize is not None and not quantization.has_scales(tensors):
             tensors = quantization.quantize_state(tensors, config, cls.head)
@@ -285,10 +285,10 @@ class PreTrainedOPT(LoraMixin, nn.Module):
             dtype: cast the weights on the way out (default: the model's dtype); of a quantized model, the
                 weights that stayed float.
 
-        A quantized model (`quantize`) is written in this library's int8 layout (`opt_core.quantization`:
-        safetensors only, int8 weights with `{module}.weight_scale` float32 scales, a `quantization_config` in
-        config.json). HF transformers cannot load such a folder correctly: 5.23 warns that it skips the unknown
-        quant_method and then computes with the int8 values as float weights (the scales ignored).
+        A quantized model (`quantize`) is written in compressed-tensors' naive-quantized int8 layout
+        (`opt_core.quantization`: safetensors only, int8 weights with `{module}.weight_scale` float32 scales
+        [out, 1], a `quantization_config` in config.json), which HF transformers loads through the
+        compressed-tensors package.
 
         A tensor-parallel model (`tp_plan`) is gathered on every rank and written once, by rank 0; every rank
         returns once the files are in place (the others with an empty list).

@@ -464,3 +464,20 @@ def test_cli_quantize_names_the_frameworks_without_it(framework, capsys):
     assert main(["generate", "hi", "--framework", framework, "--quantize", "int8"]) == 2
     message = f"--quantize int8 is implemented for --framework torch only so far, not {framework}"
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tf", "flax"])
+def test_keras_and_flax_load_an_int8_folder_as_its_dequantized_float_model(quantized_folder, name, fallback):
+    """Keras and Flax compute in float: an int8 folder loads with every weight dequantized (q * scale), as HF
+    transformers computes it, and the config no longer says int8 (so saving writes a float checkpoint)."""
+    import frameworks
+
+    framework = {"tf": frameworks.TFAdapter, "flax": frameworks.FlaxAdapter}[name]()
+    model = framework.load(quantized_folder)
+    assert "quantization_config" not in model.config.extra
+    dequantized = opt_torch.OPTForCausalLM.from_pretrained(quantized_folder)  # F.linear(x, q * scale) in fp32
+    ids, mask = sample_batch()
+    got = framework.numpy(framework(model, ids, attention_mask=mask).logits)
+    want = _run(dequantized, ids, mask).numpy()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], atol=FP32_ATOL, rtol=0)
