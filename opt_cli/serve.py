@@ -46,14 +46,20 @@ def add_serve(sub) -> None:
 
 
 def check_serve(args) -> None:
-    """The model and the adapter resolve, before anything is loaded."""
+    """The model and the adapter resolve and --max-length fits the model, before anything is loaded."""
     from opt_core.adapters import CONFIG_NAME, LoraConfig
+    from opt_core.config import OPTConfig
     from opt_core.hub import resolve_file, resolve_model
 
     try:
-        resolve_model(args.model or DEFAULT_MODEL)
+        config = OPTConfig.from_pretrained(resolve_model(args.model or DEFAULT_MODEL))
     except OPTError as error:
         raise type(error)(f"--model: {error}") from None
+    if args.max_length is not None and args.max_length > config.max_position_embeddings:
+        raise ConfigError(
+            f"--max-length {args.max_length} is more than the model's max_position_embeddings="
+            f"{config.max_position_embeddings}"
+        )
     if args.adapter is not None:
         try:
             LoraConfig.from_json_file(resolve_file(args.adapter, CONFIG_NAME))

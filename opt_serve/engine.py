@@ -15,6 +15,7 @@ Everything is bounded: the rows, the completions waiting for a row, and each wai
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import heapq
 import sys
@@ -177,10 +178,14 @@ class Engine:
                     self.lock.wait(timeout=1.0)
                 if self.stopping:
                     return
-            self._drop_cancelled()
-            self._admit()
-            if self.active:
-                self._step()
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self.active:
+                    self._step()
+            except Exception as error:  # a bug in the bookkeeping: end what is in flight, keep serving
+                for slot in list(self.active):
+                    self._fail(slot, error)
 
     def _drop_cancelled(self) -> None:
         for slot, (job, _) in list(self.active.items()):
@@ -291,8 +296,10 @@ class Engine:
         heapq.heappush(self.free, slot)
 
     def _fail(self, slot: int, error: Exception) -> None:
+        """Ends the completion in `slot` with the error (its client hears of it, if still there)."""
         job, completion = self.active[slot]
         print(f"opt-lm serve: the model failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         traceback.print_exc(file=sys.stderr)
-        job.sink(Update(completion.index, "", [], "stop", error=f"{type(error).__name__}: {error}"))
         self._release(slot)
+        with contextlib.suppress(Exception):  # e.g. the server's event loop has closed
+            job.sink(Update(completion.index, "", [], "stop", error=f"{type(error).__name__}: {error}"))
