@@ -177,6 +177,26 @@ def test_sampled_generation_honours_until_max_gen_toks_and_the_seed(model_folder
     assert texts[0] != [sample["resps"][0][0] for sample in samples]
 
 
+def test_a_stop_string_that_starts_in_the_prompt_does_not_stop_generation(model_folder):
+    """HFLM looks for `until` in the new text only: "return x" after the prompt "...return" and the new " x" stops
+    nothing there, so neither may the backend (its generate stops on prompt + new text; the row is redone)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from opt_eval import OPTLM
+
+    options = {"until": ["return x", "\n"], "max_gen_toks": 12, "do_sample": False}
+    requests = [
+        Instance("generate_until", {}, (prompt, options), 0) for prompt in ("def add(a, b):\n    return", "A list")
+    ]
+    hf = HFLM(pretrained=str(model_folder), max_length=WINDOW, dtype="float32", device="cpu")
+    expected = hf.generate_until(requests, disable_tqdm=True)
+    assert expected[0].startswith(" x") and len(expected[0]) > 2  # the embedded model's greedy text goes on
+    assert (
+        OPTLM(pretrained=str(model_folder), max_length=WINDOW, batch_size=2).generate_until(requests, True) == expected
+    )
+
+
 @pytest.mark.parametrize("framework", ["tf", "flax"])
 def test_scoring_in_every_framework_equals_lm_evals_hf_backend(framework, model_folder, hf_results):
     """The fast check of Keras and Flax (the whole run is slow for them): the oracle's loglikelihood and rolling
