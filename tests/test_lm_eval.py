@@ -126,6 +126,7 @@ def lora_adapter(model_folder, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # HF + PEFT and a second lm_eval run: ~10 s
 def test_adapter_equals_lm_evals_hf_backend_with_peft(model_folder, lora_adapter, task_manager, hf_results):
     """adapter= gives what lm_eval's HF backend gives with peft= (the same adapter over the same base), on the
     first 4 documents of the scoring tasks; the adapter changes the scores."""
