@@ -446,6 +446,8 @@ def add_train(sub) -> None:
     p.add_argument("--seed", type=_integer(0), default=0)
     dp_help = "torch under torchrun: FSDP2 (fully_shard per decoder layer) or DistributedDataParallel"
     p.add_argument("--data-parallel", choices=("fsdp", "ddp"), default="fsdp", help=dp_help)
+    mesh_help = "devices: flax 'data=4,model=2' (a device mesh, tensor parallel over model), tf 'data=2' (mirrored)"
+    p.add_argument("--mesh", default=None, help=mesh_help)
     lora = p.add_argument_group("LoRA (train a PEFT adapter on the frozen --model instead of every weight)")
     lora.add_argument("--lora-r", type=_integer(1), default=None, help="the adapter's rank; turns LoRA on")
     lora.add_argument("--lora-alpha", type=POSITIVE, default=8, help="scaling numerator (scaling = alpha / r)")
@@ -467,6 +469,8 @@ def check_train(args) -> None:
         raise ConfigError(f"--task {args.task} fine-tunes a model: pass --model (a folder, a hub id, or 'default')")
     if args.lora_r is not None and args.model is None and args.init_from is None:
         raise ConfigError("--lora-r trains an adapter on a model: pass --model (a folder, a hub id, or 'default')")
+    if args.mesh is not None and args.framework == "torch":
+        raise ConfigError("--mesh is for --framework flax and tf; torch trains data parallel under torchrun")
 
 
 def run_train(args) -> int:

@@ -31,11 +31,22 @@ adapter names (`opt_core.adapters`); a checkpoint is then PEFT's adapter folder 
 resuming rebuilds the base from `init_from` and reads the adapter back. An adapter's lora_dropout is a Keras
 `Dropout` like the model's, seeded per step the same way.
 
+Data parallel under `tf.distribute` (`options.mesh` "data=N": a `MirroredStrategy` over N devices, the GPUs, or
+the logical CPUs where there are none; or, without a mesh, the strategy whose scope `train` is called in): the
+model, optimizer and metrics are made in the strategy's scope, each micro-batch's rows are split among the
+replicas (`experimental_distribute_values_from_function`) and run by Keras' train function. Two things make that
+one device's update: the model's loss is divided by the replica count, as Keras' own losses are (`compute_loss`),
+and `DenseAdamW` sums the replicas' gradients before it clips them (Keras' TF optimizer clips each replica's
+gradient, then sums: not the global norm). Each replica's share of a micro-batch must hold as many loss terms
+(the mean of the replicas' means is then the micro-batch's mean), which `train_step` checks. Keras on TensorFlow
+has no model (tensor) parallelism: a "model" axis is refused. XLA is off under several replicas (`TFTrainer`).
+
 Siblings: `opt_torch/train.py`, `opt_flax/train.py`. Entry point: `train(options)` or `train(**options)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -61,6 +72,7 @@ from opt_core.training import (  # noqa: E402
     check_length,
     decays,
     fresh_config,
+    parse_mesh,
     train_with,
 )
 from opt_core.weights import parameter_specs  # noqa: E402
@@ -90,7 +102,51 @@ def train(options: TrainOptions | None = None, **flags: Any) -> dict:
         **flags: `TrainOptions`' fields by name (the flags' names), e.g. `train(train_files=[...], output=...)`.
     """
     options = options if options is not None else TrainOptions(**flags)
-    return train_with(options, build_model, lambda model: TFTrainer(model, options))
+    with distribution_strategy(options).scope():  # the model and the optimizer are made in it
+        return train_with(options, build_model, lambda model: TFTrainer(model, options))
+
+
+def distribution_strategy(options: TrainOptions) -> tf.distribute.Strategy:
+    """`options.mesh`'s strategy: "data=N" mirrors the model over N devices: the GPUs, or on a machine without
+    GPUs its CPU split into N logical devices (they share the cores: that tests a set-up, it is not faster).
+    Without a mesh, the strategy in scope (TensorFlow's default one outside any).
+
+    Raises:
+        ConfigError: for a "model" axis (Keras on TensorFlow has no tensor parallelism), or N not the GPU count,
+            or a CPU split asked for after TensorFlow has started with other logical devices.
+    """
+    if options.mesh is None:
+        return tf.distribute.get_strategy()
+    replicas = parse_mesh(options.mesh)
+    if replicas["model"] > 1:
+        raise ConfigError(
+            f"mesh {options.mesh!r}: Keras on TensorFlow trains data parallel only (tf.distribute.MirroredStrategy); "
+            "a model axis (tensor parallelism) needs --framework flax"
+        )
+    if replicas["data"] == 1:
+        return tf.distribute.get_strategy()
+    devices = _logical_devices(replicas["data"], options.mesh)
+    return tf.distribute.MirroredStrategy([device.name for device in devices])
+
+
+def _logical_devices(count: int, mesh: str) -> list:
+    """`count` logical devices: all the GPUs, or the CPU split in `count` (before TensorFlow starts)."""
+    if tf.config.list_physical_devices("GPU"):  # (listing logical devices would start TensorFlow)
+        gpus = tf.config.list_logical_devices("GPU")
+        if len(gpus) != count:
+            raise ConfigError(f"mesh {mesh!r} needs {count} devices; TensorFlow has {len(gpus)} GPUs")
+        return gpus
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if tf.config.get_logical_device_configuration(cpu) is None:
+        with contextlib.suppress(RuntimeError):  # started already: the count below says what there is
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    cpus = tf.config.list_logical_devices("CPU")
+    if len(cpus) != count:
+        raise ConfigError(
+            f"mesh {mesh!r} needs {count} devices; TensorFlow started with {len(cpus)} CPU devices (split the CPU "
+            "with tf.config.set_logical_device_configuration before TensorFlow starts, or train in a fresh process)"
+        )
+    return cpus
 
 
 def build_model(options: TrainOptions, tokenizer, config_updates: Mapping[str, Any]) -> keras.Model:
@@ -123,7 +179,46 @@ class DenseAdamW(keras.optimizers.AdamW):
 
     def apply(self, grads, trainable_variables=None):
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-        return super().apply(grads, trainable_variables)
+        return super().apply(_summed_over_replicas(grads), trainable_variables)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        # Keras' TF optimizer sums the replicas' gradients here, after clipping each replica's: `apply` has
+        # summed them already, so that clipping sees the global norm.
+        return grads_and_vars
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        context = tf.distribute.get_replica_context()
+        if not self.gradient_accumulation_steps or context is None or context.num_replicas_in_sync == 1:
+            return super()._backend_apply_gradients(grads, trainable_variables)
+        # Keras' accumulation puts its merge_calls (weight decay, the update) inside a cond, which a replica
+        # context refuses; here one merge_call holds the cond. `grads` are the replicas' sum, equal on every
+        # replica, so each replica clips the accumulated gradient by the same global norm.
+        steps = self.gradient_accumulation_steps
+        accumulators = [self._accumulated_gradients[self._get_variable_index(v)] for v in trainable_variables]
+        clipped = self._clip_gradients([(g + a.value) / steps for g, a in zip(grads, accumulators)])
+
+        def update_or_accumulate(distribution, grads, clipped):
+            def update():
+                rate = self.learning_rate
+                for grad, variable in zip(clipped, trainable_variables):
+                    distribution.extended.update(variable.value, self._decay_and_update, (grad, rate), group=False)
+                for accumulator in accumulators:
+                    distribution.extended.update(accumulator.value, lambda a: a.assign(tf.zeros_like(a)), group=False)
+
+            def accumulate():
+                for grad, accumulator in zip(grads, accumulators):
+                    distribution.extended.update(accumulator.value, lambda a, g: a.assign_add(g), (grad,), group=False)
+
+            tf.cond((self._iterations + 1) % steps == 0, update, accumulate)
+
+        context.merge_call(update_or_accumulate, args=(grads, clipped))
+
+    def _decay_and_update(self, variable, gradient, learning_rate):
+        """One device's copy of `variable`: Keras' decoupled weight decay, then the step (`update_step`)."""
+        if self._use_weight_decay(variable):  # Keras' formula, in its order of operations
+            decay, rate = tf.cast(self.weight_decay, variable.dtype), tf.cast(learning_rate, variable.dtype)
+            variable.assign_sub(variable * decay * rate)
+        self.update_step(gradient, variable, learning_rate)
 
     def update_step(self, gradient, variable, learning_rate):
         """Keras' Adam step with epsilon where torch's AdamW (and HF's) adds it: to the bias-corrected sqrt(v),
@@ -143,6 +238,15 @@ class DenseAdamW(keras.optimizers.AdamW):
         self.assign_add(m, (gradient - m) * (1 - self.beta_1))
         self.assign_add(v, (keras.ops.square(gradient) - v) * (1 - self.beta_2))
         self.assign_sub(variable, m * alpha / (keras.ops.sqrt(v) + self.epsilon * correction))
+
+
+def _summed_over_replicas(grads: list) -> list:
+    """Each gradient summed over the replicas of the strategy in scope (unchanged on one replica); None kept."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return grads
+    summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, [g for g in grads if g is not None]))
+    return [None if g is None else next(summed) for g in grads]
 
 
 def build_optimizer(options: TrainOptions, model: keras.Model) -> keras.optimizers.AdamW:
@@ -255,36 +359,73 @@ class TFTrainer:
             `TFOPTForQuestionAnswering`), in float32 or the `mixed_bfloat16` policy.
         options: the run's options.
         jit_compile: compile the train and eval steps with XLA; None: `JIT_COMPILE` (XLA, fastest once compiled).
+            Off under a strategy of several replicas, as Keras' "auto" decides: Keras compiles `strategy.run`
+            whole, and XLA cannot place one program on several devices (measured: "Trying to access resource
+            .../replica_1 located in device CPU:1 from device CPU:0").
     """
 
     optimizer_file = OPTIMIZER_NAME
 
     def __init__(self, model: keras.Model, options: TrainOptions, jit_compile: bool | None = None):
         self.model, self.options = model, options
+        self.strategy = model.distribute_strategy  # the one the model was made under (tf.distribute)
+        self.replicas = self.strategy.num_replicas_in_sync
+        if options.batch_size % self.replicas:
+            raise ConfigError(
+                f"batch_size {options.batch_size} must be a multiple of the {self.replicas} replicas of "
+                f"{type(self.strategy).__name__}: each takes an equal share of every micro-batch"
+            )
         dropouts = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dropout)]
         self.dropouts = [layer for layer in dropouts if layer.rate > 0] if options.dropout else []
         for layer in dropouts if not options.dropout else ():
             layer.rate = 0.0  # read when the step is traced: no dropout ops at all
-        self.optimizer = build_optimizer(options, model)
-        jit_compile = JIT_COMPILE if jit_compile is None else jit_compile
-        model.compile(optimizer=self.optimizer, jit_compile=jit_compile)  # no loss: the model's own
-        self.optimizer.build(model.trainable_variables)
+        jit_compile = (JIT_COMPILE if jit_compile is None else jit_compile) and self.replicas == 1
+        with self.strategy.scope():  # the optimizer's and the metrics' variables mirror the model's
+            self.optimizer = build_optimizer(options, model)
+            model.compile(optimizer=self.optimizer, jit_compile=jit_compile)  # no loss: the model's own
+            self.optimizer.build(model.trainable_variables)
         self._eval_step = _make_eval_step(model, jit_compile)
 
     def train_step(self, batch: Mapping[str, np.ndarray], learning_rate: float, step: int) -> float:
-        counts = loss_counts(batch, self.model.head)
-        if len(set(counts.tolist())) > 1:
-            raise ConfigError(
-                f"step {step}: its micro-batches have {counts.tolist()} loss terms; Keras' gradient accumulation "
-                "averages their mean losses, which is the step's mean only when the counts are equal"
-            )
+        self._check_loss_counts(batch, step)
         self.optimizer.learning_rate = learning_rate
         self._seed_dropout(step)
         losses = []
-        for index in range(len(counts)):
+        for index in range(len(batch["input_ids"])):
             inputs = {k: v[index] for k, v in batch.items() if k in _INPUTS}
-            losses.append(self.model.train_on_batch(inputs, return_dict=True)["loss"])
+            losses.append(self._train_on_batch(inputs))
         return float(np.mean(losses))
+
+    def _check_loss_counts(self, batch: Mapping[str, np.ndarray], step: int) -> None:
+        """Keras averages the mean losses of the micro-batches (and of the replicas' shares of each): that is the
+        step's mean over its loss terms only when they all hold as many."""
+        accumulation, rows = batch["input_ids"].shape[:2]
+        shares = {
+            k: v.reshape(accumulation * self.replicas, rows // self.replicas, *v.shape[2:]) for k, v in batch.items()
+        }
+        counts = loss_counts(shares, self.model.head)
+        if len(set(counts.tolist())) > 1:
+            what = "micro-batches" if self.replicas == 1 else f"micro-batches' shares among {self.replicas} replicas"
+            raise ConfigError(
+                f"step {step}: its {what} have {counts.tolist()} loss terms; Keras' gradient accumulation "
+                "averages their mean losses, which is the step's mean only when the counts are equal"
+            )
+
+    def _train_on_batch(self, inputs: Mapping[str, np.ndarray]) -> float:
+        """Keras' compiled train step on one micro-batch; under a strategy, each replica on its share of the rows."""
+        if self.replicas == 1:
+            return self.model.train_on_batch(inputs, return_dict=True)["loss"]
+        share = len(inputs["input_ids"]) // self.replicas
+
+        def replica_inputs(context: tf.distribute.experimental.ValueContext) -> dict[str, tf.Tensor]:
+            begin = context.replica_id_in_sync_group * share  # the replica's device takes it from here
+            return {k: tf.constant(v[begin : begin + share]) for k, v in inputs.items()}
+
+        distributed = self.strategy.experimental_distribute_values_from_function(replica_inputs)
+        self.model.make_train_function()
+        self.model.reset_metrics()
+        logs = self.model.train_function([(distributed,)])  # what train_on_batch runs, given per-replica rows
+        return float(logs["loss"])
 
     def _seed_dropout(self, step: int) -> None:
         # Each Dropout's seed state is a function of (seed, layer, step): a resumed run draws the same masks.
