@@ -30,7 +30,7 @@ import tensorflow as tf  # noqa: E402
 from opt_core import pretrained as core_pretrained  # noqa: E402
 from opt_core.config import OPTConfig  # noqa: E402
 from opt_core.dtypes import resolve_dtype  # noqa: E402
-from opt_core.lazy import LazyTensor, copy_released  # noqa: E402
+from opt_core.lazy import LazyTensor  # noqa: E402
 from opt_core.weights import LEAF_RULES, kind_of, module_path, parameter_specs, to_style_layout  # noqa: E402
 from opt_tf.cache import KVCache  # noqa: E402
 from opt_tf.lora import LoraMixin  # noqa: E402
@@ -193,11 +193,8 @@ class PreTrainedOPT(LoraMixin, keras.Model):
         for name, array in tensors.items():
             kind = kind_of(name)
             variable = self.keras_variable(name, kind)
-            # One host copy per tensor, cast and laid out on the way, made a block at a time with the file's pages
-            # released behind it (`opt_core.lazy.copy_released`): loading holds the variables and one tensor, never
-            # the whole memory-mapped file beside them.
-            transpose = to_style_layout(array, kind, "keras") is not array  # the Keras leaf rule's [in, out] kernels
-            variable.assign(copy_released(array, tf.as_dtype(variable.dtype).as_numpy_dtype, transpose))
+            # One copy per tensor, cast on the way: the memory-mapped file is never read twice.
+            variable.assign(tf.cast(to_style_layout(np.asarray(array), kind, "keras"), variable.dtype))
 
     # ----- saving
 
