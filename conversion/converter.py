@@ -38,19 +38,13 @@ from opt_core.files import (
 from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, FORMATS, detect_format, get_format, storable_tensors
 from opt_core.hub import resolve_model
 from opt_core.lazy import LazyTensor
+from opt_core.tokenizer import TOKENIZER_FILES
 from opt_core.weights import match_checkpoint
 
 SOURCE_FORMATS = (*FORMATS, "metaseq")
 DTYPES = tuple(FLOAT_DTYPES)
 # Files beside the weights that a converted folder keeps (config.json is written separately: its dtype may change).
-CARRIED_FILES = (
-    "generation_config.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
+CARRIED_FILES = ("generation_config.json", *TOKENIZER_FILES)
 
 
 class ConversionError(OPTError):

@@ -39,6 +39,7 @@ from opt_core.errors import CheckpointError, ConfigError
 from opt_core.files import FolderCommit, complete_interrupted_save
 from opt_core.hub import resolve_file
 from opt_core.safetensors_file import read_safetensors, write_safetensors
+from opt_core.tokenizer import TOKENIZER_FILES
 from opt_core.torch_pickle import load_state_dict, save_state_dict
 from opt_core.weights import DENSE_BIAS, DENSE_WEIGHT, NORM_BIAS, module_path, parameter_specs
 
@@ -642,7 +643,7 @@ def merge_checkpoint(
     loaded = load_pretrained(base, head, **hub)
     plan = plan_adapter(lora_config, loaded.config, head)
     merged = merge_into(loaded.tensors, plan, from_file_tensors(plan, file_tensors, source), dtype)
-    tokenizer = {n: (loaded.folder / n).read_bytes() for n in _TOKENIZER_FILES if (loaded.folder / n).is_file()}
+    tokenizer = {n: (loaded.folder / n).read_bytes() for n in TOKENIZER_FILES if (loaded.folder / n).is_file()}
     return save_pretrained(
         output,
         merged,
@@ -654,9 +655,6 @@ def merge_checkpoint(
         dtype=dtype if dtype is not None else loaded.stored_dtype,
         extra_files=tokenizer,
     )
-
-
-_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # ----- the model methods every framework shares

@@ -33,6 +33,8 @@ from opt_core.hub import resolve_file
 
 # fairseq's dictionary puts these four first, so they are ids 0..3 of every OPT vocabulary.
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
+# The tokenizer's files in a model folder: what a converted, merged or exported folder carries along.
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # OPT's tokenizer_config.json: bos, eos and unk all name `</s>`; `<s>` and `<unk>` have no role.
 OPT_SPECIAL_TOKENS_MAP = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
 ROLES = tuple(OPT_SPECIAL_TOKENS_MAP)

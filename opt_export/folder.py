@@ -28,6 +28,7 @@ from opt_core.errors import ConfigError, OPTError
 from opt_core.files import TEMPORARY_SUFFIX, fsync_directory, fsync_file, remove_partials, stale_partials
 from opt_core.hub import resolve_model
 from opt_core.quantization import is_quantized
+from opt_core.tokenizer import TOKENIZER_FILES
 from opt_export.common import quiet
 
 TARGETS = ("onnx", "saved-model", "tflite", "stablehlo")
@@ -49,15 +50,7 @@ REQUIRED_PACKAGES = {
 OPTIONS = {"onnx": ("opset",), "tflite": ("batch_size", "sequence_length")}
 OPSETS = range(18, 24)  # the dynamo exporter's lowest to the highest ONNX Runtime 1.31 runs
 # Files of the model folder an export carries, so that it is self-describing (the tokenizer's among them).
-CARRIED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
+CARRIED_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 def export(model: str | os.PathLike, out: str | os.PathLike, to: str, **options: int) -> Path:
