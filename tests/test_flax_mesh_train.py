@@ -162,6 +162,27 @@ def test_resume_on_another_mesh_lora_and_sampling_equal_one_device(tmp_path):
     assert report["sampled_new_tokens"] == 12
 
 
+@pytest.mark.slow
+def test_the_command_line_mesh_equals_one_device(tmp_path):
+    """`opt-lm train --framework flax --mesh data=4,model=2` as README.md writes it, on 8 forced host devices."""
+    text = tmp_path / "notes.txt"
+    text.write_text("\n".join(f"the quick {i} fox jumps over the lazy dog {i * 7 % 13}." for i in range(300)))
+    losses = {}
+    for name, mesh in (("one", []), ("mesh", ["--mesh", "data=4,model=2"])):
+        command = ["opt-lm", "train", "--framework", "flax", "--model", "default", "--train-files", str(text)]
+        command += ["--output", str(tmp_path / name), "--steps", "6", "--batch-size", "4", "--seq-len", "16"]
+        command += ["--log-every", "1", "--warmup-steps", "2", "--no-dropout", *mesh]
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(REPO)}
+        result = subprocess.run(command, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+        log = [json.loads(line) for line in (tmp_path / name / "training_log.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in log if r["event"] == "train"]
+    assert len(losses["one"]) == 6
+    worst = max(abs(a - b) for a, b in zip(losses["one"], losses["mesh"]))
+    print(f"worst per-step loss difference, one device vs data=4,model=2: {worst:.3g}")
+    assert worst <= LOSS_ATOL, losses
+
+
 # ----- bad meshes: ConfigErrors naming the value (one device is enough to check them)
 
 

@@ -146,4 +146,6 @@ def test_the_command_line_mesh_splits_the_cpu_and_equals_one_device(tmp_path):
         log = [json.loads(line) for line in (tmp_path / name / "training_log.jsonl").read_text().splitlines()]
         losses[name] = [r["loss"] for r in log if r["event"] == "train"]
     assert len(losses["one"]) == 6
-    assert max(abs(a - b) for a, b in zip(losses["one"], losses["two"])) <= LOSS_ATOL, losses
+    worst = max(abs(a - b) for a, b in zip(losses["one"], losses["two"]))
+    print(f"worst per-step loss difference, one device vs data=2: {worst:.3g}")
+    assert worst <= LOSS_ATOL, losses
