@@ -35,7 +35,9 @@ On a TPU pod (or several GPUs) a user writes::
     logits = forward(ids, mask, params=model.params).logits  # sharded over B and V; XLA inserts collectives
 
 Params already in memory are placed with `shard_params(params, mesh, config, head)`; a cache from
-`model.init_cache` with `shard_cache(cache, mesh, config)`. On a multi-host pod every host runs the same program
+`model.init_cache` with `shard_cache(cache, mesh, config)`. Training (`opt_flax.train`, `TrainOptions.mesh`) makes
+its mesh with `checked_mesh` (which refuses what the rules above would quietly replicate) and places each optax
+moment like its param (`like_params`). On a multi-host pod every host runs the same program
 (`jax.distributed.initialize()` first); `from_pretrained(mesh=...)` then reads the checkpoint on every host and
 each host keeps only its own shards.
 """
