@@ -20,7 +20,7 @@ from opt_core.config import OPTConfig
 from opt_core.dtypes import FLOAT_DTYPES, to_numpy_dtype
 from opt_core.errors import CheckpointError
 from opt_core.formats import DEFAULT_MAX_SHARD_SIZE, get_format, read_checkpoint, write_tensors
-from opt_core.lazy import LazyTensor
+from opt_core.lazy import LazyTensor, release_pages, row_blocks
 from opt_core.weights import MatchResult, match_checkpoint, to_file_tensors
 
 
@@ -44,18 +44,21 @@ def load_checkpoint(path: str | os.PathLike, config: OPTConfig, head: str, fmt: 
 
 
 _FLOATS = {np.dtype(dtype) for dtype in FLOAT_DTYPES.values()} | {np.dtype(np.float64)}
-_CHECK_BYTES = 1 << 24  # checked a block at a time, so the check never allocates a tensor-sized mask
 
 
 def warn_non_finite(tensors: Mapping[str, np.ndarray], source: str) -> list[str]:
     """Warns, naming each tensor, when weights hold NaN or infinity (the model would compute NaN from them, as a
-    checkpoint saved after a diverged run does); the weights still load, as HF loads them. Returns the names."""
+    checkpoint saved after a diverged run does); the weights still load, as HF loads them. Returns the names.
+
+    Each block of a memory-mapped file is released once checked (`opt_core.lazy.release_pages`): reading every
+    weight must not leave the whole file resident in the process before the framework copies it."""
     bad = []
     for name, array in tensors.items():
         if np.dtype(array.dtype) in _FLOATS and not _all_finite(array):
             values = np.asarray(array)
             nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
             bad.append(f"{name} ({nan} NaN, {inf} infinite of {values.size})")
+            release_pages(array)
     if bad:
         warnings.warn(f"{source}: weights that are not finite: {'; '.join(bad)}", stacklevel=3)
     return bad
@@ -64,8 +67,8 @@ def warn_non_finite(tensors: Mapping[str, np.ndarray], source: str) -> list[str]
 def _all_finite(array: np.ndarray) -> bool:
     if array.ndim == 0:
         return bool(np.isfinite(array))
-    rows = max(1, _CHECK_BYTES // max(1, array[0].nbytes))
-    return all(np.isfinite(array[i : i + rows]).all() for i in range(0, array.shape[0], rows))
+    # A block at a time: the check never allocates a tensor-sized mask, and each block is released once checked.
+    return all(np.isfinite(block).all() for _, block in row_blocks(array))
 
 
 def save_checkpoint(
