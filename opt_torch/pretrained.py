@@ -6,7 +6,12 @@ config, reading and checking the checkpoint, a fresh task head, generation_confi
 the identity; a bare `OPTModel` drops the leading `model.` (`opt_core.weights.module_path`).
 
 Loading builds the model on the meta device (no random weights allocated), reads memory-mapped arrays from the
-checkpoint and assigns each parameter once in the target dtype, so the model is never held twice.
+checkpoint and assigns each parameter once in the target dtype, so the model is never held twice. A safetensors
+tensor already in that dtype is not copied at all: the parameter is a view of a copy-on-write mapping of the file
+(`torch.UntypedStorage.from_file(..., shared=False)`, as HF's loading shares the file), so the weights live in the
+OS page cache, a checkpoint larger than free memory still loads, and a write to a parameter (training) makes a
+private copy of that page and never reaches the file. A cast copies one tensor at a time and releases the file's
+pages behind it (`opt_core.lazy.release_pages`).
 
 LoRA adapters (`add_adapter`, `load_adapter`, ...) come from `opt_torch.lora.LoraMixin`; `canonical_state` and
 `save_pretrained` give the base model's weights only, never an adapter's tensors.
@@ -33,6 +38,7 @@ from opt_core import dtypes, quantization
 from opt_core import pretrained as core
 from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError, ConfigError
+from opt_core.lazy import file_range, release_pages
 from opt_core.weights import module_path
 from opt_torch import distributed
 from opt_torch.arrays import numpy_to_torch, torch_to_numpy
@@ -42,6 +48,9 @@ from opt_torch.quantization import Int8Linear
 
 # The torch dtype of each name in `opt_core.dtypes.FLOAT_DTYPES` (float32, float16, bfloat16).
 TORCH_DTYPES = {name: getattr(torch, name) for name in dtypes.FLOAT_DTYPES}
+# The torch dtype of each numpy dtype a checkpoint stores (int8: quantized weights).
+_FROM_NUMPY = {np.dtype(dtype): TORCH_DTYPES[name] for name, dtype in dtypes.FLOAT_DTYPES.items()}
+_FROM_NUMPY[np.dtype(np.int8)] = torch.int8
 
 
 def resolve_dtype(dtype: Any, stored: np.dtype | None) -> torch.dtype:
@@ -244,10 +253,15 @@ class PreTrainedOPT(LoraMixin, nn.Module):
 
     def _assign(self, tensors: dict[str, np.ndarray], dtype: torch.dtype, device) -> None:
         device = torch.device(device or "cpu")
-        state = {
-            module_path(name, self.head): numpy_to_torch(array, _stored_as(name, array, dtype)).to(device)
-            for name, array in tensors.items()
-        }
+        mappings: dict[str, torch.UntypedStorage] = {}
+        state = {}
+        for name, array in tensors.items():
+            target = _stored_as(name, array, dtype)
+            tensor = _file_backed(array, target, mappings) if device.type == "cpu" else None
+            if tensor is None:
+                tensor = numpy_to_torch(array, target).to(device)
+                release_pages(array)  # the copy is made: the file's pages need not stay in this process
+            state[module_path(name, self.head)] = tensor
         self._assign_state(state)
 
     def _assign_tensor_parallel(self, tensors: dict[str, np.ndarray], dtype: torch.dtype, device_mesh) -> None:
@@ -327,6 +341,23 @@ def _check_tensor_parallel(tp_plan: Any, quantize: str | None, adapter) -> None:
 
 def _is_scale(name: str) -> bool:
     return name.endswith(".weight" + quantization.SCALE_SUFFIX)
+
+
+def _file_backed(array: np.ndarray, dtype: torch.dtype, mappings: dict) -> torch.Tensor | None:
+    """`array` as a CPU tensor over a copy-on-write mapping of its file, when it is a memory-mapped tensor stored
+    in `dtype` at an aligned offset; None when it needs a copy (a cast, a transpose, a file not mapped).
+
+    One mapping per file (`mappings`, path -> storage) serves all its tensors; pages are read when first used,
+    and a write makes a private copy of the page (the file never changes).
+    """
+    where = file_range(array)
+    if where is None or _FROM_NUMPY.get(np.dtype(array.dtype)) != dtype or where.offset % dtype.itemsize:
+        return None
+    storage = mappings.get(where.path)
+    if storage is None:
+        size = os.path.getsize(where.path)
+        storage = mappings[where.path] = torch.UntypedStorage.from_file(where.path, shared=False, nbytes=size)
+    return torch.empty(0, dtype=dtype).set_(storage, where.offset // dtype.itemsize, array.shape)
 
 
 def _stored_as(name: str, array: np.ndarray, dtype: torch.dtype) -> torch.dtype:
