@@ -33,6 +33,7 @@ from opt_core.errors import CheckpointError
 from opt_core.flax_msgpack import flatten, unflatten
 from opt_core.formats import DEFAULT_MAX_SHARD_SIZE
 from opt_core.inputs import check_numeric
+from opt_core.lazy import copy_released
 from opt_core.pretrained import load_pretrained, save_format
 from opt_core.pretrained import save_pretrained as save_folder
 from opt_core.weights import fresh_parameter, parameter_specs, to_style_layout
@@ -68,10 +69,18 @@ def params_from_canonical(
         else:
             raise CheckpointError(f"parameter {spec.name!r} is missing")
         key = flax_key(spec, head)
-        # A host copy in the target dtype: the source may be a read-only memory map that must not be aliased.
-        array = np.array(to_style_layout(array, spec.kind, "flax"), dtype=dtype, copy=True)
-        flat[key] = jax.device_put(array, shardings[key]) if shardings else jnp.asarray(array)
+        flat[key] = _device_array(array, spec.kind, dtype, shardings[key] if shardings else None)
     return unflatten(flat)
+
+
+def _device_array(array: np.ndarray, kind: str, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """One parameter on its device(s) in `dtype`, Flax layout.
+
+    A host copy in the target dtype (the source may be a read-only memory map that must not be aliased), made a
+    block at a time with the file's pages released behind it (`opt_core.lazy.copy_released`), so loading holds
+    the params and one block of the file; the device array then adopts that copy where XLA can (CPU)."""
+    host = copy_released(array, dtype, transpose=to_style_layout(array, kind, "flax") is not array)
+    return jax.device_put(host, sharding, may_alias=True)
 
 
 def params_to_canonical(params: Mapping, config: OPTConfig, head: str) -> dict[str, np.ndarray]:
