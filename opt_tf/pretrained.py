@@ -241,11 +241,16 @@ def _assign_in_blocks(variable: tf.Variable, array: np.ndarray, transpose: bool)
     in place, so loading holds the variables and about one tensor beside them; a whole-tensor `assign` briefly
     held three copies of the largest tensor, and the file stayed resident."""
     dtype = variable.dtype.as_numpy_dtype
+    # Under tf.distribute (a model made in a MirroredStrategy's scope) each device's copy is written: a slice of
+    # the mirrored variable itself is a tensor, which cannot be assigned.
+    copies = variable.values if isinstance(variable, tf.distribute.DistributedValues) else (variable,)
     for rows, block in row_blocks(array):
-        if transpose:
-            variable[:, rows].assign(copy_released(block, dtype, transpose=True))
-        else:
-            variable[rows].assign(copy_released(block, dtype))
+        values = copy_released(block, dtype, transpose=transpose)
+        for copy in copies:
+            if transpose:
+                copy[:, rows].assign(values)
+            else:
+                copy[rows].assign(values)
 
 
 def _labels_from_inputs(x) -> tf.Tensor:
