@@ -89,6 +89,11 @@ def train(options: TrainOptions | None = None, *, device: str | None = None, com
         compile: `torch.compile` the model's forward.
     """
     options = options if options is not None else TrainOptions(**flags)
+    if options.mesh is not None:
+        raise ConfigError(
+            f"mesh={options.mesh!r} is for the Flax and Keras trainers; PyTorch trains data parallel when started "
+            "under torchrun (options.data_parallel 'fsdp' or 'ddp')"
+        )
     joined = distributed.launched_by_torchrun() and not torch.distributed.is_initialized()
     if distributed.launched_by_torchrun():
         rank_device = distributed.init_distributed()

@@ -410,3 +410,13 @@ def test_train_fine_tunes_a_fresh_head_and_the_metric_improves(tmp_path, files, 
     assert config["architectures"] == ["OPTForSequenceClassification"]
     assert sorted(config["id2label"].values()) == sorted(CUES)
     assert (options.output / "tokenizer.json").is_file()
+
+
+def test_a_mesh_is_refused_by_name_before_any_work(tmp_path):
+    """`mesh` is the Flax and Keras trainers' option; the torch trainer refuses it instead of ignoring it."""
+    from opt_core.errors import ConfigError
+    from opt_torch.train import train
+
+    with pytest.raises(ConfigError, match=r"mesh='data=2'.*torchrun"):
+        train(train_files=[str(tmp_path / "none.txt")], output=str(tmp_path / "out"), mesh="data=2")
+    assert not (tmp_path / "out").exists()
