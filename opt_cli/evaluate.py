@@ -16,9 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from opt_cli.common import DEFAULT_MODEL, integer
 from opt_core.errors import ConfigError, OPTError
-
-DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
 
 def add_eval(sub) -> None:
@@ -27,29 +26,16 @@ def add_eval(sub) -> None:
     p.add_argument("--framework", choices=("torch", "tf", "flax"), default="torch")
     p.add_argument("--tasks", type=_task_names, required=True, help="lm_eval task names, comma-separated")
     p.add_argument("--limit", type=_limit, default=None, help="documents per task (a fraction if below 1)")
-    p.add_argument("--num-fewshot", type=_count(0), default=None)
-    p.add_argument("--batch-size", type=_count(1), default=1)
-    p.add_argument("--max-length", type=_count(2), default=None, help="tokens per window (default: the model's max)")
+    p.add_argument("--num-fewshot", type=integer(0), default=None)
+    p.add_argument("--batch-size", type=integer(1), default=1)
+    p.add_argument("--max-length", type=integer(2), default=None, help="tokens per window (default: the model's max)")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None)
     p.add_argument("--quantize", choices=("int8",), default=None, help="int8 weight-only (torch only so far)")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder or hub id")
     p.add_argument("--include-path", type=Path, default=None, help="a folder of task YAMLs of your own")
-    p.add_argument("--seed", type=_count(0), default=1234, help="for tasks that sample")
+    p.add_argument("--seed", type=integer(0), default=1234, help="for tasks that sample")
     p.add_argument("--json", action="store_true", help="print lm_eval's results as JSON instead of the table")
     p.set_defaults(run=run_eval, check=check_eval)
-
-
-def _count(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-
-    return parse
 
 
 def _limit(text: str) -> int | float:

@@ -11,24 +11,11 @@ beside OUT and renamed into place (`opt_export`).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from opt_cli.common import DEFAULT_MODEL, integer
 from opt_export.folder import TARGETS
-
-# opt_cli.main's DEFAULT_MODEL (main imports this module, so it is not imported back).
-DEFAULT_MODEL = Path(__file__).parent / "default_model"
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 def add_export(sub) -> None:
@@ -36,10 +23,10 @@ def add_export(sub) -> None:
     p.add_argument("model", help="folder or hub id; 'default': the embedded model")
     p.add_argument("out", type=Path, help="the folder to create (or an empty one to fill)")
     p.add_argument("--to", required=True, choices=TARGETS, help="the runtime's format")
-    p.add_argument("--opset", type=_positive, default=None, help="onnx: the ONNX opset (default 18)")
-    p.add_argument("--batch-size", type=_positive, default=None, help="tflite: the fixed batch size (default 1)")
+    p.add_argument("--opset", type=integer(1), default=None, help="onnx: the ONNX opset (default 18)")
+    p.add_argument("--batch-size", type=integer(1), default=None, help="tflite: the fixed batch size (default 1)")
     length_help = "tflite: the fixed sequence length (default 128, or the model's maximum when smaller)"
-    p.add_argument("--sequence-length", type=_positive, default=None, help=length_help)
+    p.add_argument("--sequence-length", type=integer(1), default=None, help=length_help)
     p.set_defaults(run=run_export, check=check_export)
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from opt_cli.common import DEFAULT_MODEL
+from opt_cli.common import integer as _integer
 from opt_core.errors import ConfigError, OPTError
 
-DEFAULT_MODEL = Path(__file__).parent / "default_model"
 FRAMEWORK_CHOICES = ("torch", "tf", "flax")
 
 
@@ -45,21 +46,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _integer(low: int):
-    """An argparse type: an integer of at least `low`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-
-    return parse
 
 
 def _number(allowed, rule: str):

@@ -7,28 +7,13 @@ The server is `opt_serve`; this module holds the options, their checks before an
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from pathlib import Path
 
+from opt_cli.common import DEFAULT_MODEL, integer
 from opt_core.errors import ConfigError, OPTError
 
-DEFAULT_MODEL = Path(__file__).parent / "default_model"
 MAX_DEFAULT_LENGTH = 2048  # positions per row unless --max-length says otherwise
-
-
-def _at_least(low: int, high: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}" if high else f">= {low}")
-        return value
-
-    return parse
 
 
 def add_serve(sub) -> None:
@@ -37,11 +22,11 @@ def add_serve(sub) -> None:
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder or hub id to apply to --model")
     p.add_argument("--framework", choices=("torch", "tf", "flax"), default="torch")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_at_least(1, 65535), default=8000)
+    p.add_argument("--port", type=integer(1, 65535), default=8000)
     p.add_argument("--model-name", default=None, help="the `model` requests name (default: --model as given)")
-    p.add_argument("--slots", type=_at_least(1), default=8, help="completions decoded together (batch rows)")
-    p.add_argument("--max-length", type=_at_least(2), default=None, help="positions per row, prompt included")
-    p.add_argument("--max-waiting", type=_at_least(1), default=256, help="completions queued before 503s")
+    p.add_argument("--slots", type=integer(1), default=8, help="completions decoded together (batch rows)")
+    p.add_argument("--max-length", type=integer(2), default=None, help="positions per row, prompt included")
+    p.add_argument("--max-waiting", type=integer(1), default=256, help="completions queued before 503s")
     p.set_defaults(run=run_serve, check=check_serve)
 
 
