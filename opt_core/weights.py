@@ -35,6 +35,22 @@ NORM_BIAS = "norm_bias"
 
 HEADS = ("base", "causal_lm", "sequence_classification", "question_answering")
 
+# Tensor parallelism, stated once: per module, the dim of its canonical weight ([out, in], an embedding [V, E])
+# that is split across devices. 0 is column parallel (the outputs: whole heads, FFN units, the vocabulary; the bias
+# split with them), 1 is row parallel (the inputs; partial sums added across devices, the bias whole). Everything
+# else is replicated. `opt_flax.sharding` and `opt_torch.distributed` derive their plans from it.
+TENSOR_PARALLEL = {
+    "q_proj": 0,
+    "k_proj": 0,
+    "v_proj": 0,
+    "fc1": 0,
+    "out_proj": 1,
+    "fc2": 1,
+    "embed_tokens": 0,
+    "lm_head": 0,
+}
+VOCABULARY_MODULES = ("embed_tokens", "lm_head")
+
 # Conditions under which a row exists.
 ALWAYS: Callable[[OPTConfig], bool] = lambda c: True  # noqa: E731
 HAS_BIAS: Callable[[OPTConfig], bool] = lambda c: c.enable_bias  # noqa: E731

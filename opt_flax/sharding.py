@@ -1,7 +1,7 @@
 """Partition rules over the parameter table: tensor parallel over heads, FFN and vocabulary; data parallel over batch.
 
-Siblings: none yet. `opt_torch` and `opt_tf` have no sharding module; DESIGN.md section 8 plans PyTorch DTensor /
-FSDP2 and `tf.distribute` plans derived from the same `TENSOR_PARALLEL` rule. This module also names the params
+Siblings: `opt_torch.distributed` (DTensor tensor parallelism of the decoder layers from the same
+`opt_core.weights.TENSOR_PARALLEL` rule, and FSDP2/DDP). This module also names the params
 pytree's paths (`flax_key`), which `opt_flax.pretrained` uses to load into and save from it.
 
 A mesh has two axes, `"data"` (the batch is split over it) and `"model"` (weights are split over it, Megatron
@@ -54,22 +54,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from opt_core.config import OPTConfig
 from opt_core.errors import ConfigError
 from opt_core.flax_msgpack import unflatten
-from opt_core.weights import DENSE_BIAS, DENSE_WEIGHT, LEAF_RULES, ParamSpec, module_path, parameter_specs, style_name
+from opt_core.weights import (
+    DENSE_BIAS,
+    DENSE_WEIGHT,
+    LEAF_RULES,
+    TENSOR_PARALLEL,
+    ParamSpec,
+    module_path,
+    parameter_specs,
+    style_name,
+)
 from opt_flax.lora import adapter_partition_spec, base_key, is_adapter_key
 
 DATA, MODEL = "data", "model"
 
-# Per module, the dim of the canonical torch-layout weight [out, in] (or embedding [V, E]) split over MODEL.
-TENSOR_PARALLEL = {
-    "q_proj": 0,
-    "k_proj": 0,
-    "v_proj": 0,
-    "fc1": 0,
-    "out_proj": 1,
-    "fc2": 1,
-    "embed_tokens": 0,
-    "lm_head": 0,
-}
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")  # split whole heads only
 
 

@@ -10,7 +10,7 @@ where CUDA is available and over gloo on CPU, the same code path either way.
   column-wise (their output dim, hence whole heads and FFN units, is split; each rank computes its heads with no
   communication), `out_proj` and `fc2` row-wise (their input dim is split; the partial sums are all-reduced, the
   bias added once). Embeddings, norms, projections and heads stay whole on every rank. The rule is stated on the
-  canonical `[out, in]` weights of `opt_core.weights`, as `opt_flax.sharding.TENSOR_PARALLEL` states it for Flax.
+  canonical `[out, in]` weights once, in `opt_core.weights.TENSOR_PARALLEL`, for this module and `opt_flax.sharding`.
   Loading builds the model on the meta device, shards it there, and gives each rank only its slices of the
   memory-mapped checkpoint (`shard_state`), so no rank materialises a whole split weight.
 * Data parallelism (`opt_torch.train` under torchrun): `fully_shard` per decoder layer and then on the whole model
@@ -36,12 +36,13 @@ from torch import nn
 
 from opt_core.config import OPTConfig
 from opt_core.errors import ConfigError
-from opt_core.weights import DENSE_WEIGHT, module_path, parameter_specs
+from opt_core.weights import DENSE_WEIGHT, TENSOR_PARALLEL, VOCABULARY_MODULES, module_path, parameter_specs
 from opt_torch.arrays import numpy_to_torch
 
-# Per module of a decoder layer, how tensor parallelism splits its canonical [out, in] weight.
-COLUMN_WISE = ("q_proj", "k_proj", "v_proj", "fc1")
-ROW_WISE = ("out_proj", "fc2")
+# The decoder layers' part of opt_core.weights.TENSOR_PARALLEL (embeddings and the LM head stay whole here).
+_LAYER_SPLITS = {module: dim for module, dim in TENSOR_PARALLEL.items() if module not in VOCABULARY_MODULES}
+COLUMN_WISE = tuple(module for module, dim in _LAYER_SPLITS.items() if dim == 0)
+ROW_WISE = tuple(module for module, dim in _LAYER_SPLITS.items() if dim == 1)
 TP_PLANS = ("auto",)
 
 
