@@ -10,9 +10,10 @@ the transpose of the canonical layout. Keras' own layer and variable names never
 LoRA adapters in PEFT's format (`add_adapter`, `load_adapter`, `save_adapter`, ...) come from `opt_tf.lora.LoraMixin`;
 their variables sit beside the base ones and never enter `canonical_state` or a weights file.
 
-Loading builds the model with a zero initializer (a random draw would be overwritten at once) and assigns every
-variable once from the memory-mapped checkpoint arrays, in float32 by default whatever the file stores, a block of
-rows at a time with the file's pages released behind each block: peak memory is the variables and about one tensor.
+Loading builds the model with its kernels and embeddings allocated unwritten (`Unfilled`: a random draw or a zero
+fill would be overwritten at once) and assigns every variable once from the memory-mapped checkpoint arrays, in
+float32 by default whatever the file stores, a block of rows at a time with the file's pages released behind each
+block: peak memory is the variables and one block.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ def hf_initializer(config: OPTConfig) -> keras.initializers.Initializer:
     return keras.initializers.RandomNormal(stddev=config.init_std)
 
 
+class Unfilled(keras.initializers.Initializer):
+    """For kernels and embeddings that `from_pretrained` assigns at once: their memory is allocated unwritten
+    (`tf.raw_ops.Empty(init=False)`), so its pages are first touched by the checkpoint's values, a block at a
+    time. A zero fill touched every page first: loading then held the zeroed model before any value arrived.
+    Never for a variable that is not assigned next: its values would be whatever the memory held."""
+
+    def __call__(self, shape, dtype=None):
+        return tf.raw_ops.Empty(shape=shape, dtype=tf.as_dtype(dtype or "float32"), init=False)
+
+
 class PreTrainedOPT(LoraMixin, keras.Model):
     """Shared by every Keras OPT class: building, loading, saving, Keras config, `fit`'s loss and LoRA adapters.
 
@@ -53,7 +64,8 @@ class PreTrainedOPT(LoraMixin, keras.Model):
 
     Args:
         config: the model's OPTConfig.
-        initializer: for kernels and embeddings; HF's normal(init_std) by default (`from_pretrained` passes zeros).
+        initializer: for kernels and embeddings; HF's normal(init_std) by default (`from_pretrained` passes
+            `Unfilled`, as it assigns every one of them from the checkpoint).
         **kwargs: Keras model arguments: `name`, and `dtype` (a policy such as "mixed_bfloat16").
     """
 
@@ -181,7 +193,7 @@ class PreTrainedOPT(LoraMixin, keras.Model):
         seed = lambda: int(np.random.randint(2**31 - 1))  # noqa: E731
         loaded = core_pretrained.load_pretrained(name_or_path, cls.head, seed=seed, **kwargs)
         dtype = resolve_dtype(dtype, loaded.stored_dtype, allowed=POLICIES)
-        model = cls(loaded.config, initializer=keras.initializers.Zeros(), dtype=dtype)
+        model = cls(loaded.config, initializer=Unfilled(), dtype=dtype)
         model._assign(loaded.tensors)
         if hasattr(model, "generate"):
             model.generation_config = loaded.generation_config
