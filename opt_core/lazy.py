@@ -147,7 +147,8 @@ class FileRange:
 
 
 def _mapping_of(array: np.ndarray) -> tuple[np.memmap | None, mmap.mmap | None]:
-    """The outermost `np.memmap` (if any) and the `mmap` object an array's memory comes from, through its bases."""
+    """The `np.memmap` that made the mapping (if any) and the `mmap` object an array's memory comes from, through
+    the array's bases."""
     memmap, owner = None, array
     while owner is not None and not isinstance(owner, mmap.mmap):
         if isinstance(owner, np.memmap):
