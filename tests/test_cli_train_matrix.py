@@ -10,7 +10,9 @@ the first evaluation (after step 1, `--eval-every 1`) is the untrained model's.
 
 The full matrix is `slow` (27 tests, ~12 min on 2 busy cores). The default suite keeps what is cheap and not in
 `tests/test_cli.py` (which trains a fresh causal LM through the CLI in each framework): torch, the cheapest
-framework, fine-tuning a classifier (the metric improves, HF loads the folder, a run stopped with Ctrl-C resumes).
+framework, fine-tuning a classifier (the metric improves, HF loads the folder). The killed-and-resumed runs are all
+slow: the default suite stops and resumes a CLI run in `tests/test_lora_cli.py` (torch, Ctrl-C) and resumes each
+trainer in `test_train_torch.py` / `test_train_tf.py` / `test_training.py`.
 """
 
 from __future__ import annotations
@@ -224,6 +226,7 @@ def test_fine_tuning_improves_the_eval_metric(trained, framework, task):
         assert last["exact_match"] >= 80 and last["f1"] >= 80, last
 
 
+@pytest.mark.slow  # ~50 s; see the module docstring for where the default suite resumes runs
 @pytest.mark.parametrize("framework, task", COMBOS)
 def test_a_killed_run_resumes_with_the_losses_of_an_uninterrupted_one(trained, tmp_path, framework, task):
     args, whole = trained(framework, task)
