@@ -1,7 +1,7 @@
 """Peak resident memory while loading: this project's three frameworks and HF transformers, in one run.
 
     python benchmarks/memory.py [--shape opt-1.3b] [--file-dtypes float32 float16] [--dtype auto]
-                                [--frameworks torch tf flax hf] [--folder DIR]
+                                [--frameworks torch tf flax hf] [--folder DIR] [--new-tokens N]
 
 Writes a random checkpoint of `--shape` (an `OPTConfig` preset) once per file dtype into a temporary folder (or
 `--folder`, kept for later runs), as `save_pretrained` writes it (safetensors, sharded above 5 GB). Then, for each
@@ -14,6 +14,10 @@ ru_maxrss) is measured from the imports on, so the table shows what loading and 
 
 "weights" is the size of the parameters in the loaded dtype (the tied LM head once). Memory the OS keeps in its page
 cache is not resident in the process and is not counted; pages of a memory-mapped file the process touches are.
+
+`--new-tokens N` then generates N greedy tokens and adds their time and the peak after them: the demonstration of a
+checkpoint larger than memory (`--shape opt-13b --file-dtypes float16 --frameworks torch --new-tokens 3`: 26 GB of
+fp16 weights, served from the page cache and the disk).
 
 `--measure FRAMEWORK FOLDER` is the child process (prints one JSON line); tests/test_memory.py uses it too.
 """
@@ -101,8 +105,9 @@ def _dtype_options(framework: str, dtype: str) -> dict:
     return {"dtype": dtype, "param_dtype": dtype} if framework == "flax" else {"dtype": dtype}
 
 
-def measure(framework: str, folder: str, dtype: str = "auto", forward: bool = True) -> dict:
-    """Peak RSS growth (bytes) of one process while loading `folder` and during a first forward."""
+def measure(framework: str, folder: str, dtype: str = "auto", forward: bool = True, new_tokens: int = 0) -> dict:
+    """Peak RSS growth (bytes) of one process while loading `folder`, during a first forward, and while
+    generating `new_tokens` greedy tokens after it."""
     import numpy as np
 
     from_pretrained, run_forward = _loader(framework)
@@ -115,7 +120,23 @@ def measure(framework: str, folder: str, dtype: str = "auto", forward: bool = Tr
         if forward:
             run_forward(model, np.arange(4, 12, dtype=np.int32)[None])
             result["forward"] = peak_rss_bytes() - baseline
+        if new_tokens:
+            start = time.perf_counter()
+            model.generate(_generate_input(framework), max_new_tokens=new_tokens, do_sample=False)
+            result["generate_s"] = time.perf_counter() - start
+            result["generate"] = peak_rss_bytes() - baseline
     return result
+
+
+def _generate_input(framework: str):
+    import numpy as np
+
+    ids = np.array([[2, 100, 200, 300]], dtype=np.int64)
+    if framework in ("torch", "hf"):
+        import torch
+
+        return torch.from_numpy(ids)
+    return ids
 
 
 def torch_no_grad(framework: str):
@@ -127,11 +148,10 @@ def torch_no_grad(framework: str):
     return contextlib.nullcontext()
 
 
-def measure_in_subprocess(framework: str, folder: Path, dtype: str, forward: bool = True) -> dict:
+def measure_in_subprocess(framework: str, folder: Path, dtype: str, forward: bool = True, new_tokens: int = 0) -> dict:
     """`measure` in a fresh Python process (nothing loaded before: the peak is this load's alone)."""
     command = [sys.executable, __file__, "--measure", framework, str(folder), "--dtype", dtype]
-    if not forward:
-        command.append("--no-forward")
+    command += ["--new-tokens", str(new_tokens)] + (["--no-forward"] if not forward else [])
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
@@ -187,18 +207,22 @@ def run(args: argparse.Namespace) -> list[dict]:
             folder = write_random_checkpoint(root / f"{args.shape}-{file_dtype}", args.shape, file_dtype)
             weights = weights_bytes(folder, file_dtype, args.dtype)
             for framework in args.frameworks:
-                found = measure_in_subprocess(framework, folder, args.dtype)
+                found = measure_in_subprocess(framework, folder, args.dtype, new_tokens=args.new_tokens)
                 rows.append({"framework": framework, "file_dtype": file_dtype, "weights": weights, **found})
                 print_row(rows[-1], args.dtype)
     return rows
 
 
 def print_header(args: argparse.Namespace) -> None:
-    print(f"# {args.shape}, from_pretrained(folder, dtype={args.dtype!r}) then one forward of 8 tokens")
-    print(
-        "| framework | file dtype | weights GiB | load s | peak in load GiB (x weights) | after 1st forward GiB (x) |"
-    )
-    print("|---|---|---|---|---|---|")
+    columns = ["framework", "file dtype", "weights GiB", "load s", "peak in load GiB (x weights)"]
+    columns.append("after 1st forward GiB (x)")
+    generated = ""
+    if args.new_tokens:
+        generated = f", then {args.new_tokens} greedy tokens"
+        columns += [f"{args.new_tokens} tokens", "after them GiB (x)"]
+    print(f"# {args.shape}, from_pretrained(folder, dtype={args.dtype!r}) then one forward of 8 tokens{generated}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
 
 
 def print_row(row: dict, dtype: str) -> None:
@@ -211,6 +235,8 @@ def print_row(row: dict, dtype: str) -> None:
         f"{row['load'] / GIB:.2f} ({row['load'] / weights:.2f}x)",
         f"{row['forward'] / GIB:.2f} ({row['forward'] / weights:.2f}x)",
     ]
+    if "generate" in row:
+        cells += [f"{row['generate_s']:.1f} s", f"{row['generate'] / GIB:.2f} ({row['generate'] / weights:.2f}x)"]
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
@@ -221,11 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto", help='"auto" (the file\'s dtype), "default" (float32), or a dtype')
     parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
     parser.add_argument("--folder", help="keep the checkpoints here (reused when present) instead of a temp folder")
+    parser.add_argument("--new-tokens", type=int, default=0, help="also generate this many greedy tokens")
     parser.add_argument("--measure", nargs=2, metavar=("FRAMEWORK", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--no-forward", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure(*args.measure, dtype=args.dtype, forward=not args.no_forward)))
+        found = measure(*args.measure, dtype=args.dtype, forward=not args.no_forward, new_tokens=args.new_tokens)
+        print(json.dumps(found))
         return
     print_header(args)
     run(args)
