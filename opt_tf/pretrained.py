@@ -256,14 +256,18 @@ def _assign_in_blocks(variable: tf.Variable, array: np.ndarray, transpose: bool)
     """
     dtype = variable.dtype.as_numpy_dtype
     axis = 1 if transpose else 0
+    # Under tf.distribute (a model made in a MirroredStrategy's scope) each device's copy is written: the mirrored
+    # variable itself has no handle outside a replica context.
+    copies = variable.values if isinstance(variable, tf.distribute.DistributedValues) else (variable,)
     for rows, block in row_blocks(array):
         begin, end = [0] * variable.shape.rank, list(variable.shape)
         if block.ndim:  # a 0-d array is one block, written whole
             begin[axis], end[axis] = rows.start or 0, (rows.start or 0) + block.shape[0]
         value = copy_released(block, dtype, transpose=transpose)
-        tf.raw_ops.ResourceStridedSliceAssign(
-            ref=variable.handle, begin=begin, end=end, strides=[1] * len(begin), value=value
-        )
+        for copy in copies:
+            tf.raw_ops.ResourceStridedSliceAssign(
+                ref=copy.handle, begin=begin, end=end, strides=[1] * len(begin), value=value
+            )
 
 
 def _labels_from_inputs(x) -> tf.Tensor:
