@@ -55,6 +55,17 @@ def prompt_bucket(length: int, max_length: int, smallest: int = 16) -> int:
     return min(size, max_length)
 
 
+def padded_prompt(prompt: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids 1 x bucket, mask 1 x max_length) of one prompt for a compiled prefill: the ids right-padded to their
+    `prompt_bucket`, the mask over every cache slot with ones on the prompt's."""
+    length = len(prompt)
+    padded = np.zeros((1, prompt_bucket(length, max_length)), np.int32)
+    padded[0, :length] = prompt
+    mask = np.zeros((1, max_length), np.int32)
+    mask[0, :length] = 1
+    return padded, mask
+
+
 def pad_to_slots(values: np.ndarray, slots: int) -> np.ndarray:
     """B per-row values padded with zeros to every slot (unused rows: token 0 at position 0), for step models
     whose compiled decode keeps one shape."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from opt_flax.cache import KVCache
 from opt_flax.decode_layout import DecodeLayout
-from opt_serve.engine import pad_to_slots, prompt_bucket
+from opt_serve.engine import pad_to_slots, padded_prompt
 
 
 @flax.struct.dataclass
@@ -73,10 +73,7 @@ class FlaxStepModel:
 
     def prefill(self, slot: int, prompt: np.ndarray, new_tokens: int, all_logits: bool) -> np.ndarray:
         length = len(prompt)
-        padded = np.zeros((1, prompt_bucket(length, self.max_length)), np.int32)
-        padded[0, :length] = prompt
-        mask = np.zeros((1, self.max_length), np.int32)
-        mask[0, :length] = 1
+        padded, mask = padded_prompt(prompt, self.max_length)
         logits, row = self._prefill(self.params, padded, mask)
         self.key_values = self._put_row(self.key_values, row, np.int32(slot))
         logits = np.asarray(logits[:length])  # P V -> T0 V

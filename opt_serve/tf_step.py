@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from opt_serve.engine import pad_to_slots, prompt_bucket
+from opt_serve.engine import pad_to_slots, padded_prompt
 from opt_tf.cache import KVCache, LayerCache
 
 
@@ -52,10 +52,7 @@ class TFStepModel:
 
     def prefill(self, slot: int, prompt: np.ndarray, new_tokens: int, all_logits: bool) -> np.ndarray:
         length = len(prompt)
-        padded = np.zeros((1, prompt_bucket(length, self.max_length)), np.int32)
-        padded[0, :length] = prompt
-        mask = np.zeros((1, self.max_length), np.int32)
-        mask[0, :length] = 1
+        padded, mask = padded_prompt(prompt, self.max_length)
         logits, row = self._prefill(tf.constant(padded), tf.constant(mask))
         at = tf.constant([[slot]])
         self.key_values = tuple(
