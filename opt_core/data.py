@@ -63,6 +63,7 @@ import numpy as np
 
 from opt_core import metrics
 from opt_core.errors import ConfigError, InputError
+from opt_core.scoring import right_padded
 from opt_core.tokenizer import OPTTokenizer
 
 TASKS = ("causal-lm", "sequence-classification", "question-answering")
@@ -348,7 +349,7 @@ def _classification(train, held_out, tokenizer, max_length, multiple, bar, split
     length = min(max_length, -(-longest // multiple) * multiple)
 
     def features(ids: list[list[int]], labels: list) -> dict[str, np.ndarray]:
-        input_ids, mask = _pad_right(ids, length, tokenizer.pad_token_id)
+        input_ids, mask = right_padded(ids, tokenizer.pad_token_id, length, dtype=np.int32)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": np.asarray(labels, dtype=np.int32)}
 
     train_features = features(train_ids, [to_id(*item) for item in train_labels])
@@ -400,15 +401,6 @@ def _classification_ids(files: list[_Rows], tokenizer, max_length: int, bar) -> 
         )  # fmt: skip
         ids.extend(encoding["input_ids"])
     return ids
-
-
-def _pad_right(rows: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.full((len(rows), length), pad_id, dtype=np.int32)
-    mask = np.zeros((len(rows), length), dtype=np.int32)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 # ----- question answering

@@ -83,13 +83,13 @@ def continuation_score(logits: np.ndarray, input_length: int, continuation_ids: 
 
 
 def right_padded(
-    rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None
+    rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None, dtype=np.int64
 ) -> tuple[np.ndarray, np.ndarray]:
-    """B T int64 ids and mask from rows of different lengths, padded on the right to `length` (default the
-    longest): a causal model's logits at real positions do not see what follows them."""
+    """B T ids and mask (int64 unless `dtype` says) from rows of different lengths, padded on the right to
+    `length` (default the longest): a causal model's logits at real positions do not see what follows them."""
     length = max(len(row) for row in rows) if length is None else length
-    ids = np.full((len(rows), length), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), length), dtype=np.int64)
+    ids = np.full((len(rows), length), pad_id, dtype=dtype)
+    mask = np.zeros((len(rows), length), dtype=dtype)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = row
         mask[i, : len(row)] = 1
