@@ -61,6 +61,8 @@ class Loaded:
 _OTHER_FRAMEWORKS_OPTIONS = {
     "tp_plan": "tensor parallelism is opt_torch's (from_pretrained(..., tp_plan='auto') under torchrun); "
     "Flax shards with mesh=",
+    "device_map": "placement over devices and the disk is opt_torch's (accelerate's device_map); Keras places "
+    "weights with tf.distribute strategies, Flax with mesh=",
 }
 
 

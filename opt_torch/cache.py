@@ -49,13 +49,16 @@ class StaticKVCache:
         config: the model's OPTConfig.
         batch_size: B.
         max_length: S, prompt plus new tokens.
-        dtype, device: of the buffers (the model's).
+        dtype, device: of the buffers (the model's); `device` may be a list, one device per layer (a model placed
+            over several devices by a device_map).
     """
 
     def __init__(self, config: OPTConfig, batch_size: int, max_length: int, dtype=torch.float32, device=None):
         shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # B N S H
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        layers = config.num_hidden_layers
+        devices = device if isinstance(device, (list, tuple)) else [device] * layers
+        self.keys = [torch.zeros(shape, dtype=dtype, device=devices[i]) for i in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=devices[i]) for i in range(layers)]
 
     @property
     def batch_size(self) -> int:

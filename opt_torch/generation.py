@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from opt_core.errors import ConfigError
 from opt_core.generation import DecodeOptions, GenerationCall, GenerationConfig, StopStrings, prepare_generation
 from opt_torch.cache import StaticKVCache
 
@@ -151,6 +152,8 @@ class GenerationMixin:
     def _step_function(self, compile: bool):
         if not compile:
             return decode_step
+        if getattr(self, "is_dispatched", False):  # accelerate's hooks run Python around every module
+            raise ConfigError("compile=True needs a model on one device; this one was dispatched by device_map")
         if getattr(self, "_compiled_step", None) is None:
             self._compiled_step = torch.compile(decode_step, dynamic=False, fullgraph=True)
         return self._compiled_step

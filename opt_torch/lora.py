@@ -34,6 +34,7 @@ from opt_core.adapters import (
     LoraConfig,
     ParameterCount,
 )
+from opt_core.errors import ConfigError
 from opt_core.weights import module_path
 from opt_torch.arrays import torch_to_numpy
 
@@ -351,6 +352,8 @@ class LoraMixin(AdapterMethods):
     def _attach_adapter(self, name: str, plan: AdapterPlan, tensors: dict[str, np.ndarray], trainable: bool) -> None:
         """Puts adapter `name` on the model with `tensors` (LoRA pairs; saved parameters where given, else the
         base's current values) and activates it."""
+        if getattr(self, "is_dispatched", False):  # LoRA layers would wrap modules accelerate's hooks move
+            raise ConfigError(f"adapters on a model dispatched by device_map={self.hf_device_map} are not supported")
         state = self.adapter_state
         if not state.plans:
             state.requires_grad = {n: p.requires_grad for n, p in self.named_parameters()}

@@ -41,6 +41,7 @@ from opt_core.config import OPTConfig
 from opt_core.errors import CheckpointError, ConfigError
 from opt_core.lazy import file_range, release_pages
 from opt_core.weights import module_path
+from opt_torch import device_map as placement
 from opt_torch import distributed
 from opt_torch.arrays import numpy_to_torch, torch_to_numpy
 from opt_torch.cache import StaticKVCache
@@ -115,17 +116,32 @@ class PreTrainedOPT(LoraMixin, nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where inputs go: the weights' device, or a dispatched model's main device (`opt_torch.device_map`)."""
+        main = getattr(self, "_main_device", None)
+        return main if main is not None else next(self.parameters()).device
+
+    @property
+    def is_dispatched(self) -> bool:
+        """Placed over several devices or the disk by `from_pretrained(..., device_map=...)` (accelerate's hooks)."""
+        return getattr(self, "_main_device", None) is not None
 
     def init_cache(self, batch_size: int, max_length: int) -> StaticKVCache:
         """An empty static cache (`opt_torch.cache.StaticKVCache`) of max_length slots, in the model's dtype and
-        on its device; forward it with `cache_position` and an attention mask over all max_length slots."""
+        on its device (each layer's on the device it computes on, for a dispatched model); forward it with
+        `cache_position` and an attention mask over all max_length slots."""
         config = self.config
         tp_size = getattr(self, "tp_size", 1)
         if tp_size > 1:  # this rank's heads only (opt_torch.distributed): N / tp heads of the same head dim
             heads, hidden = config.num_attention_heads // tp_size, config.hidden_size // tp_size
             config = config.replace(num_attention_heads=heads, hidden_size=hidden)
-        return StaticKVCache(config, batch_size, max_length, self.dtype, self.device)
+        return StaticKVCache(config, batch_size, max_length, self.dtype, self._layer_devices())
+
+    def _layer_devices(self) -> torch.device | list[torch.device]:
+        if not self.is_dispatched:
+            return self.device
+        prefix = "decoder.layers" if self.head == "base" else "model.decoder.layers"
+        placed = (placement.place(f"{prefix}.{i}", self.hf_device_map) for i in range(self.config.num_hidden_layers))
+        return [self._main_device if placement.offloaded(d, self._main_device) else torch.device(d) for d in placed]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -136,10 +152,12 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         """{canonical name: numpy array} of every base parameter (tied ones once; a merged adapter's deltas
         included, an adapter's own tensors never)."""
         prefix = "model." if self.head == "base" else ""
+        offloaded = getattr(self, "_offloaded_weights", {})  # a dispatched model's weights kept off the model
         return {  # a tensor-parallel model's split weights gathered whole: every rank calls this then
             prefix + k: torch_to_numpy(distributed.full(v.float() if _is_scale(k) else v))  # int8 scales: fp32
             for k, v in self.state_dict().items()
             if not is_adapter_name(k)
+            for v in [offloaded[k] if v.is_meta and k in offloaded else v]
         }
 
     # ----- int8 weight-only quantization
@@ -160,6 +178,8 @@ class PreTrainedOPT(LoraMixin, nn.Module):
             method: "int8".
         """
         _check_quantize(method)
+        if self.is_dispatched:
+            raise ConfigError("a model dispatched by device_map cannot be quantized: load it with quantize='int8'")
         if self.adapter_state.plans:
             raise ValueError("quantize the model before adding adapters: this one has " + str(list(self.peft_config)))
         if self.is_quantized:
@@ -198,6 +218,9 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         quantize: str | None = None,
         tp_plan: str | None = None,
         device_mesh=None,
+        device_map: Any = None,
+        max_memory: dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
         **kwargs: Any,
     ):
         """Loads a model from a local folder, the HF cache, or the hub; with `adapter`, then a PEFT LoRA adapter.
@@ -218,6 +241,14 @@ class PreTrainedOPT(LoraMixin, nn.Module):
                 through DTensor, `opt_torch.distributed`): joins the process group if need be, and each rank reads
                 only its slices of the split weights. Every rank then runs the same forward or `generate`.
             device_mesh: with tp_plan, a 1-D `DeviceMesh` to split over (default: every process).
+            device_map: where each module's weights live, as in HF transformers with accelerate
+                (`opt_torch.device_map`): "cpu", "cuda:1", a GPU index; "auto", "balanced", "balanced_low_0" or
+                "sequential" for accelerate to fill the GPUs, then the CPU, then the disk; or a dict of module name
+                -> device (an int, "cpu", "cuda:N", "disk"). The model's `hf_device_map` says where each went.
+            max_memory: with a device_map strategy, the most each device may hold, e.g. {0: "10GiB", "cpu":
+                "30GiB"} (default: what each has free).
+            offload_folder: where weights the map puts on "disk" are written when the checkpoint cannot be read
+                in place (safetensors and .bin files are read from where they are).
             **kwargs: the loading options every framework shares (`opt_core.pretrained.load_pretrained`): `config`
                 (instead of the folder's config.json), `fmt` (the format to read when the folder holds several),
                 `revision`, `cache_dir`, `local_files_only`, `token` (huggingface_hub, for hub ids), and config
@@ -229,6 +260,8 @@ class PreTrainedOPT(LoraMixin, nn.Module):
             _check_quantize(quantize)
         if tp_plan is not None:
             _check_tensor_parallel(tp_plan, quantize, adapter)
+        if device_map is not None:
+            device_map = _check_device_map(device_map, device, tp_plan)
         loaded = core.load_pretrained(name_or_path, cls.head, seed=seed, keep_int8=True, **kwargs)
         config, tensors = loaded.config, loaded.tensors
         if quantize is not None and not quantization.has_scales(tensors):
@@ -243,6 +276,8 @@ class PreTrainedOPT(LoraMixin, nn.Module):
             model._int8_layers_on_meta()
         if tp_plan is not None:
             model._assign_tensor_parallel(tensors, target, device_mesh)
+        elif device_map is not None:
+            model._assign_device_map(tensors, target, device_map, max_memory, offload_folder)
         else:
             model._assign(tensors, target, device)
         if hasattr(model, "generate"):
@@ -254,16 +289,8 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         return model.eval()
 
     def _assign(self, tensors: dict[str, np.ndarray], dtype: torch.dtype, device) -> None:
-        device = torch.device(device or "cpu")
-        mappings: dict[str, torch.UntypedStorage] = {}
-        state = {}
-        for name, array in tensors.items():
-            target = _stored_as(name, array, dtype)
-            tensor = _file_backed(array, target, mappings) if device.type == "cpu" else None
-            if tensor is None:
-                tensor = numpy_to_torch(array, target).to(device)
-                release_pages(array)  # the copy is made: the file's pages need not stay in this process
-            state[module_path(name, self.head)] = tensor
+        mappings: dict[str, torch.UntypedStorage] = {}  # one copy-on-write mapping per file
+        state = {module_path(k, self.head): _tensor(k, v, dtype, device or "cpu", mappings) for k, v in tensors.items()}
         self._assign_state(state)
 
     def _assign_tensor_parallel(self, tensors: dict[str, np.ndarray], dtype: torch.dtype, device_mesh) -> None:
@@ -273,10 +300,41 @@ class PreTrainedOPT(LoraMixin, nn.Module):
         state = {module_path(name, self.head): array for name, array in tensors.items()}
         self._assign_state(distributed.shard_state(self, state, dtype, distributed.local_device()))
 
-    def _assign_state(self, state: dict[str, torch.Tensor]) -> None:
+    def _assign_device_map(self, tensors, dtype: torch.dtype, device_map, max_memory, offload_folder) -> None:
+        """Places each weight where the (planned) device map says; weights offloaded to the disk, or to the CPU
+        while a GPU computes, are handed to accelerate's hooks through `device_map.OffloadedWeights`."""
+        device_map = placement.plan(self, device_map, max_memory, dtype)
+        if not placement.is_dispatched(device_map):
+            self._assign(tensors, dtype, next(iter(device_map.values())))
+            self.hf_device_map = device_map
+            return
+        if self.is_quantized:
+            raise ConfigError(f"int8 weights cannot be dispatched over devices: device_map={device_map}")
+        main = placement.main_device(device_map)
+        folder = Path(offload_folder) if offload_folder is not None else None
+        weights, state, mappings = placement.OffloadedWeights(dtype), {}, {}
+        for name, array in tensors.items():
+            path = module_path(name, self.head)
+            where = placement.place(path, device_map)
+            if where == "disk":
+                weights.add(path, placement.disk_source(path, array, dtype, folder))
+                continue
+            state[path] = _tensor(name, array, dtype, where, mappings)
+            if placement.offloaded(where, main):
+                weights.add(path, state[path])
+        tied = placement.tied_head(self)
+        if tied is not None:
+            weights.alias(*tied)
+        self._assign_state(state, offloaded=set(weights))
+        placement.dispatch(self, device_map, weights)
+        self._offloaded_weights = weights
+        self._main_device = main
+
+    def _assign_state(self, state: dict[str, torch.Tensor], offloaded: set[str] = frozenset()) -> None:
         result = self.load_state_dict(state, strict=False, assign=True)
         self.tie_weights()
-        left = [k for k in result.missing_keys if not (k == "lm_head.weight" and self.config.tie_word_embeddings)]
+        tied = {"lm_head.weight"} if self.config.tie_word_embeddings else set()
+        left = [k for k in result.missing_keys if k not in tied and k not in offloaded]
         if left or result.unexpected_keys:
             raise CheckpointError(f"internal: parameters not assigned {left} / {result.unexpected_keys}")
 
@@ -350,6 +408,13 @@ def _check_quantize(method: Any) -> None:
         raise ValueError(f"quantize must be one of {', '.join(quantization.QUANTIZE_CHOICES)}, got {method!r}")
 
 
+def _check_device_map(device_map: Any, device: Any, tp_plan: Any) -> dict | str:
+    for name, value in (("device", device), ("tp_plan", tp_plan)):
+        if value is not None:
+            raise ConfigError(f"device_map={device_map!r} with {name}={value!r}: give only one of them")
+    return placement.normalize(device_map)
+
+
 def _check_tensor_parallel(tp_plan: Any, quantize: str | None, adapter) -> None:
     distributed.check_tp_plan(tp_plan)
     for name, value in (("quantize", quantize), ("adapter", adapter)):
@@ -376,6 +441,17 @@ def _file_backed(array: np.ndarray, dtype: torch.dtype, mappings: dict) -> torch
         size = os.path.getsize(where.path)
         storage = mappings[where.path] = torch.UntypedStorage.from_file(where.path, shared=False, nbytes=size)
     return torch.empty(0, dtype=dtype).set_(storage, where.offset // dtype.itemsize, array.shape)
+
+
+def _tensor(name: str, array: np.ndarray, dtype: torch.dtype, device, mappings: dict) -> torch.Tensor:
+    """Checkpoint tensor `name` on `device`: on the CPU a view of its file's copy-on-write mapping where the dtype
+    allows (`_file_backed`), else a copy, with the file's pages released behind it."""
+    target = _stored_as(name, array, dtype)
+    tensor = _file_backed(array, target, mappings) if torch.device(device).type == "cpu" else None
+    if tensor is None:
+        tensor = numpy_to_torch(array, target).to(device)
+        release_pages(array)  # the copy is made: the file's pages need not stay in this process
+    return tensor
 
 
 def _stored_as(name: str, array: np.ndarray, dtype: torch.dtype) -> torch.dtype:

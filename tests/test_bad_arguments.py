@@ -350,18 +350,26 @@ def test_a_strategy_this_library_lacks_loads_from_generation_config_json_and_gen
 # ----- from_pretrained
 
 FROM_PRETRAINED = [
-    row("unknown-option", dict(device_map="auto"), UnknownArgumentError, "device_map"),
+    row("unknown-option", dict(load_in_4bit=True), UnknownArgumentError, "load_in_4bit"),
     row("misspelt-config-field", dict(dropuot=0.1), UnknownArgumentError, "dropuot"),
     row("two-unknown", dict(load_in_8bit=True, tp_size=2), UnknownArgumentError, "load_in_8bit", "tp_size"),
 ]
 FROM_PRETRAINED_NOT_TORCH = [  # tensor parallelism is torch's
     row("tp_plan", dict(tp_plan="auto"), UnknownArgumentError, "tp_plan", "opt_torch", "torchrun"),
+    row("device_map", dict(device_map="auto"), UnknownArgumentError, "device_map", "opt_torch", "accelerate"),
 ]
 FROM_PRETRAINED_TORCH = [  # refused in opt_torch before anything is read
     row("tp_plan-not-auto", dict(tp_plan="colwise"), ConfigError, "tp_plan", "'colwise'"),
     row("tp_plan-without-torchrun", dict(tp_plan="auto"), ConfigError, "torchrun", "WORLD_SIZE"),
     row("tp_plan+quantize", dict(tp_plan="auto", quantize="int8"), ConfigError, "tp_plan='auto'", "quantize='int8'"),
     row("tp_plan+adapter", dict(tp_plan="auto", adapter="a"), ConfigError, "tp_plan='auto'", "adapter='a'"),
+    row("device_map-name", dict(device_map="everywhere"), ConfigError, "device_map='everywhere'", "'auto'"),
+    row("device_map-negative", dict(device_map=-1), ConfigError, "device_map=-1", "GPU index"),
+    row("device_map-no-such-gpu", dict(device_map="cuda:99"), ConfigError, "'cuda:99'", "CUDA device"),
+    row("device_map-bad-value", dict(device_map={"lm_head": "tape"}), ConfigError, "device_map['lm_head']='tape'"),
+    row("device_map-empty", dict(device_map={}), ConfigError, "device_map", "empty"),
+    row("device_map+device", dict(device_map="cpu", device="cpu"), ConfigError, "device_map='cpu'", "device='cpu'"),
+    row("device_map+tp_plan", dict(device_map="auto", tp_plan="auto"), ConfigError, "device_map", "tp_plan='auto'"),
 ]
 
 

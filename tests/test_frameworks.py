@@ -324,8 +324,9 @@ def test_bad_cache_inputs_raise_clear_errors(framework, loaded):
 
 def test_an_unknown_loading_option_is_refused_by_name(framework, hf_checkpoint):
     """HF keeps an unknown keyword as a config attribute; here it is refused, so a typo or an option this library
-    lacks (HF's device_map) never loads silently into something else. (tp_plan: tests/test_bad_arguments.py.)"""
+    lacks (HF's load_in_4bit) never loads silently into something else. (tp_plan and device_map:
+    tests/test_bad_arguments.py.)"""
     folder, _ = hf_checkpoint("pre_ln")
-    with pytest.raises(TypeError, match="device_map"):
-        framework.load(folder, device_map="auto")
+    with pytest.raises(TypeError, match="load_in_4bit"):
+        framework.load(folder, load_in_4bit=True)
     assert framework.load(folder, dropout=0.25).config.dropout == 0.25  # a config field is an override, as in HF
