@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from opt_torch.cache import StaticKVCache
+from opt_torch.generation import lm_logits, prepare_decoding
 from opt_torch.generation import prefill as generate_prefill
 
 
@@ -58,6 +59,7 @@ class TorchStepModel:
 
     def __init__(self, model, slots: int, max_length: int):
         self.model, self.slots, self.max_length = model.eval(), slots, max_length
+        prepare_decoding(model)  # the LM head as generate computes it (opt_torch.generation)
         self.device = model.device
         self.cache = RowSlotCache(model.config, slots, max_length, model.dtype, self.device)
         self.last_slot = torch.tensor([max_length - 1], device=self.device)
@@ -74,7 +76,7 @@ class TorchStepModel:
         self.cache.put_row(slot, cache, len(prompt))
         if not all_logits:
             return last.cpu().numpy()
-        logits = self.model.lm_head(hidden[0]).float()  # T0 V
+        logits = lm_logits(self.model, hidden[0])  # T0 V
         logits[-1] = last[0]
         return logits.cpu().numpy()
 
@@ -92,4 +94,4 @@ class TorchStepModel:
             cache_position=self.last_slot,
             validate=False,
         ).last_hidden_state[:, -1]
-        return self.model.lm_head(hidden).float().cpu().numpy()
+        return lm_logits(self.model, hidden).cpu().numpy()
