@@ -1,7 +1,7 @@
 """Greedy-decode speed: this project's frameworks against HF transformers' PyTorch OPT, in one run.
 
     python benchmarks/decode.py [--batch 1 8] [--new-tokens 128] [--prompt 16] [--frameworks torch torch-compile hf]
-                                [--quantize int8]
+                                [--quantize int8] [--dtype bfloat16] [--prefill 128]
 
 opt-125m's shape with random weights in fp32, a 16-token prompt and 128 new tokens (eos disabled, so every run
 decodes the same number of tokens). For each framework: the first call's time (compilation included), then the best
@@ -12,6 +12,10 @@ the read bandwidth this script measures on the same machine.
 `--quantize int8` adds, for each of `torch` and `torch-compile` in `--frameworks`, a row of the same model loaded
 with `from_pretrained(..., quantize="int8")` (int8 weight-only, `opt_torch.quantization`); their ids are compared
 with the first framework's like every row's, and the bound column stays the fp32 bound.
+
+`--dtype bfloat16` loads every row but CTranslate2's in that dtype (`dtype=` in each framework, HF's `dtype=`); the
+ids are still compared with the first row's. `--prefill 128` (the default) also times a 1 x 128 prompt with one new
+token, the best of `--repeats` calls, as milliseconds.
 
 `ct2` and `ct2-int8` (run when the `ctranslate2` package is installed: `pip install -e ".[bench]"`) are CTranslate2's
 Generator on the same weights, converted by its TransformersConverter (fp32, and int8 weights with its int8
@@ -119,16 +123,16 @@ def ctranslate2_runner(folder: Path, int8: bool):
     return generate
 
 
-def runner(name: str, folder: Path):
+def runner(name: str, folder: Path, dtype: str = "float32"):
     """A function (ids: np.ndarray) -> np.ndarray running greedy decode for `name` ("torch-int8" and
-    "torch-compile-int8": the torch rows with int8 weights)."""
+    "torch-compile-int8": the torch rows with int8 weights), its float weights in `dtype`."""
     if name.removesuffix("-int8") in ("torch", "torch-compile"):
         import torch
 
         import opt_torch
 
         quantize = "int8" if name.endswith("-int8") else None
-        model = opt_torch.OPTForCausalLM.from_pretrained(folder, quantize=quantize)
+        model = opt_torch.OPTForCausalLM.from_pretrained(folder, quantize=quantize, dtype=dtype)
         compiled = name.startswith("torch-compile")
         return lambda ids, n: model.generate(
             torch.from_numpy(ids), max_new_tokens=n, eos_token_id=None, compile=compiled
@@ -137,7 +141,7 @@ def runner(name: str, folder: Path):
         import torch
         import transformers
 
-        model = transformers.OPTForCausalLM.from_pretrained(folder).eval()
+        model = transformers.OPTForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
 
         def hf(ids, n):
             with torch.no_grad():
@@ -149,12 +153,12 @@ def runner(name: str, folder: Path):
     if name == "tf":
         import opt_tf
 
-        model = opt_tf.TFOPTForCausalLM.from_pretrained(folder)
+        model = opt_tf.TFOPTForCausalLM.from_pretrained(folder, dtype=dtype)
         return lambda ids, n: np.asarray(model.generate(ids, max_new_tokens=n, eos_token_id=None))
     if name == "flax":
         import opt_flax
 
-        model = opt_flax.FlaxOPTForCausalLM.from_pretrained(folder)
+        model = opt_flax.FlaxOPTForCausalLM.from_pretrained(folder, dtype=dtype)
         return lambda ids, n: np.asarray(model.generate(ids, max_new_tokens=n, eos_token_id=None))
     if name in ("ct2", "ct2-int8"):
         return ctranslate2_runner(folder, int8=name == "ct2-int8")
@@ -170,6 +174,13 @@ def bench(generate, batch: int, prompt: int, new_tokens: int, repeats: int) -> d
     return {"first_call_s": first, "best_s": best, "tokens_per_s": batch * new_tokens / best, "ids": out}
 
 
+def bench_prefill(generate, length: int, repeats: int) -> float:
+    """Seconds for a 1 x `length` prompt and one new token (its first call, compilation included, not counted)."""
+    ids = np.random.default_rng(length).integers(3, 50000, size=(1, length)).astype(np.int64)
+    generate(ids, 1)
+    return min(_timed(lambda: generate(ids, 1)) for _ in range(repeats))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -178,6 +189,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frameworks", nargs="+", default=["hf", "ct2", "ct2-int8", "torch", "tf", "flax"])
     parser.add_argument("--quantize", choices=("int8",), help="also run the torch rows with int8 weights")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the float weights' dtype")
+    parser.add_argument("--prefill", type=int, default=128, help="also time a 1 x N prompt (0: not)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.quantize:
@@ -200,16 +213,21 @@ def main() -> None:
         reference = {}
         for name in args.frameworks:
             try:
-                generate = runner(name, Path(tmp))
+                generate = runner(name, Path(tmp), "float32" if name.startswith("ct2") else args.dtype)
             except ImportError as error:
                 print(f"{name}: skipped ({error})")
                 continue
+            prefill = bench_prefill(generate, args.prefill, args.repeats) if args.prefill else float("nan")
             for batch in args.batch:
                 result = bench(generate, batch, args.prompt, args.new_tokens, args.repeats)
                 ids = result.pop("ids")
                 same = reference.setdefault(batch, ids) is ids or np.array_equal(reference[batch], ids)
-                results.append({"framework": name, "batch": batch, **result, "same_ids_as_first": bool(same)})
-    print(f"\n{'framework':<20}{'batch':>6}{'first call s':>14}{'tokens/s':>10}{'x HF':>7}{'of bound':>10}  same ids")
+                row = {"framework": name, "batch": batch, **result, "same_ids_as_first": bool(same)}
+                results.append({**row, "prefill_ms": prefill * 1e3})
+    print(
+        f"\n{'framework':<20}{'batch':>6}{'first call s':>14}{'tokens/s':>10}{'x HF':>7}{'of bound':>10}"
+        f"{f'prefill {args.prefill} ms':>18}  same ids"
+    )
     for row in results:
         hf = next((r for r in results if r["framework"] == "hf" and r["batch"] == row["batch"]), None)
         ratio = row["tokens_per_s"] / hf["tokens_per_s"] if hf else float("nan")
@@ -217,10 +235,11 @@ def main() -> None:
         of_bound = row["tokens_per_s"] / row["batch"] / bound if row["batch"] == 1 else float("nan")
         print(
             f"{row['framework']:<20}{row['batch']:>6}{row['first_call_s']:>14.2f}{row['tokens_per_s']:>10.1f}"
-            f"{ratio:>7.2f}{of_bound:>10.0%}  {row['same_ids_as_first']}"
+            f"{ratio:>7.2f}{of_bound:>10.0%}{row['prefill_ms']:>18.1f}  {row['same_ids_as_first']}"
         )
     if args.json:
-        args.json.write_text(json.dumps({"bandwidth_Bps": bandwidth, "results": results}, indent=1))
+        summary = {"bandwidth_Bps": bandwidth, "dtype": args.dtype, "results": results}
+        args.json.write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
