@@ -23,6 +23,7 @@ import torch
 from opt_torch.cache import StaticKVCache
 from opt_torch.generation import lm_logits, prepare_decoding
 from opt_torch.generation import prefill as generate_prefill
+from opt_torch.linear import packed_linears
 
 
 class RowSlotCache(StaticKVCache):
@@ -66,6 +67,7 @@ class TorchStepModel:
         self.key_slots = torch.arange(max_length, device=self.device)
 
     @torch.no_grad()
+    @packed_linears()  # as generate's loops compute
     def prefill(self, slot: int, prompt: np.ndarray, new_tokens: int, all_logits: bool) -> np.ndarray:
         length = min(len(prompt) + new_tokens, self.max_length)  # generate's cache size for this call
         ids = torch.from_numpy(prompt).to(self.device)[None]  # 1 T0
@@ -81,6 +83,7 @@ class TorchStepModel:
         return logits.cpu().numpy()
 
     @torch.no_grad()
+    @packed_linears()
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         positions = torch.from_numpy(positions).to(self.device)  # B
         self.cache.write_slots = positions

@@ -20,6 +20,8 @@ from opt_core.generation import DecodeOptions, GenerationCall, GenerationConfig,
 from opt_core.quantization import quantize_int8
 from opt_torch.arrays import torch_to_numpy
 from opt_torch.cache import StaticKVCache
+from opt_torch.linear import pack_linears, packed_linears
+from opt_torch.lora import LoraLinear
 from opt_torch.quantization import PACK_MM_MULTIPLE, int8_linear
 
 # ----- the model calls: prefill and one decode step
@@ -150,8 +152,9 @@ class GenerationMixin:
         """
         prompt, mask = _host(input_ids), _host(attention_mask)
         call = prepare_generation(self, prompt, mask, generation_config, streamer, seed, tokenizer, **kwargs)
-        prepare_decoding(self)
-        return LOOPS[call.options.strategy](self, self._step_function(compile), call)
+        prepare_decoding(self, pack=not compile)
+        with packed_linears():
+            return LOOPS[call.options.strategy](self, self._step_function(compile), call)
 
     def _step_function(self, compile: bool):
         if not compile:
@@ -179,21 +182,26 @@ class GenerationMixin:
 DECODE_LAYOUT_DTYPES = (torch.float32,)
 
 
-def prepare_decoding(model) -> None:
+def prepare_decoding(model, pack: bool = True) -> None:
     """Before a CPU decode: the LM head in its decode layout (`DECODE_LAYOUT_DTYPES`, once, in place; the
-    Parameter, its values and its tie stay as they are), and on an int8 model the head's int8 copy."""
-    head = getattr(model, "lm_head", None)
-    if type(head) is not torch.nn.Linear or getattr(model, "is_dispatched", False):
-        return  # a LoRA-wrapped head, a dispatched model: left alone
-    weight = head.weight
-    if weight.device.type != "cpu" or type(weight) is not torch.nn.Parameter:  # not a DTensor shard either
+    Parameter, its values and its tie stay as they are), on an int8 model the head's int8 copy, and with `pack`
+    the oneDNN-packed copies of the float32 dense weights (`opt_torch.linear`) that the loops compute with."""
+    if getattr(model, "is_dispatched", False):
         return
+    head = model.lm_head
+    weight = head.weight
+    plain = type(weight) is torch.nn.Parameter and weight.device.type == "cpu" and not isinstance(head, LoraLinear)
     size = weight.numel() * weight.element_size()
-    if weight.dtype in DECODE_LAYOUT_DTYPES and weight.is_contiguous() and size <= _available_memory() // 2:
+    if plain and weight.dtype in DECODE_LAYOUT_DTYPES and weight.is_contiguous() and size <= _available_memory() // 2:
         with torch.no_grad():
             weight.data = weight.data.t().contiguous().t()
-    if model.is_quantized and weight.shape[1] % PACK_MM_MULTIPLE == 0:
+    int8_head = plain and model.is_quantized and head.in_features % PACK_MM_MULTIPLE == 0
+    if int8_head:
         _int8_head(model, weight)
+    else:  # e.g. the head was wrapped by a LoRA adapter since: it computes itself
+        model._int8_head = None
+    if pack:
+        pack_linears([m for m in model.modules() if not (int8_head and m is head)], _available_memory() // 2)
 
 
 def _int8_head(model, weight: torch.Tensor) -> None:

@@ -37,6 +37,7 @@ from opt_core.adapters import (
 from opt_core.errors import ConfigError
 from opt_core.weights import module_path
 from opt_torch.arrays import torch_to_numpy
+from opt_torch.linear import Linear
 
 # Parameter-name parts that belong to an adapter, never to the base model (PEFT's internal names).
 ADAPTER_PARTS = ("lora_A", "lora_B", "lora_dropout", "modules_to_save")
@@ -116,7 +117,7 @@ class LoraLinear(nn.Linear):
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding this layer's weight and bias (the adapters dropped)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight, linear.bias = self.weight, self.bias
         return linear
 
@@ -126,7 +127,7 @@ class LoraLinear(nn.Linear):
 
 def _bias_free_linear(weight: torch.Tensor) -> nn.Linear:
     out_features, in_features = weight.shape
-    linear = nn.Linear(in_features, out_features, bias=False, device="meta")
+    linear = Linear(in_features, out_features, bias=False, device="meta")
     linear.weight = nn.Parameter(weight)
     return linear
 

@@ -31,6 +31,7 @@ from opt_core.outputs import (
 )
 from opt_torch.cache import DynamicKVCache, StaticKVCache
 from opt_torch.generation import GenerationMixin
+from opt_torch.linear import Linear
 from opt_torch.pretrained import PreTrainedOPT
 
 ACTIVATIONS = {
@@ -91,10 +92,10 @@ class OPTAttention(nn.Module):
         self.dropout = config.attention_dropout
         self.attn_implementation = "sdpa"
         d, bias = config.hidden_size, config.enable_bias
-        self.k_proj = nn.Linear(d, d, bias=bias)
-        self.v_proj = nn.Linear(d, d, bias=bias)
-        self.q_proj = nn.Linear(d, d, bias=bias)
-        self.out_proj = nn.Linear(d, d, bias=bias)
+        self.k_proj = Linear(d, d, bias=bias)
+        self.v_proj = Linear(d, d, bias=bias)
+        self.q_proj = Linear(d, d, bias=bias)
+        self.out_proj = Linear(d, d, bias=bias)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -131,8 +132,8 @@ class OPTDecoderLayer(nn.Module):
         affine = config.layer_norm_elementwise_affine
         self.self_attn = OPTAttention(config)
         self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
-        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
+        self.fc1 = Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
 
     def forward(self, hidden_states, mask, past_key_value=None, output_attentions=False):
@@ -167,8 +168,8 @@ class OPTDecoder(nn.Module):
         # OPT quirk: opt-350m embeds tokens in E = word_embed_proj_dim != D; project_in maps E -> D before the
         # positions are added, project_out maps D -> E after the final norm.
         if config.has_projection:
-            self.project_out = nn.Linear(config.hidden_size, config.word_embed_proj_dim, bias=False)
-            self.project_in = nn.Linear(config.word_embed_proj_dim, config.hidden_size, bias=False)
+            self.project_out = Linear(config.hidden_size, config.word_embed_proj_dim, bias=False)
+            self.project_in = Linear(config.word_embed_proj_dim, config.hidden_size, bias=False)
         else:
             self.project_out = self.project_in = None
         if config.has_final_layer_norm:
@@ -346,7 +347,7 @@ class OPTForCausalLM(PreTrainedOPT, GenerationMixin):
         super().__init__(config)
         self.model = OPTModel(config)
         # OPT quirk: the LM head works in E = word_embed_proj_dim space and is tied to embed_tokens.
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(
@@ -411,7 +412,7 @@ class OPTForSequenceClassification(PreTrainedOPT):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = OPTModel(config)
-        self.score = nn.Linear(config.word_embed_proj_dim, self.num_labels, bias=False)
+        self.score = Linear(config.word_embed_proj_dim, self.num_labels, bias=False)
         self.post_init()
 
     def forward(
@@ -470,7 +471,7 @@ class OPTForQuestionAnswering(PreTrainedOPT):
     def __init__(self, config: OPTConfig):
         super().__init__(config)
         self.model = OPTModel(config)
-        self.qa_outputs = nn.Linear(config.word_embed_proj_dim, 2)
+        self.qa_outputs = Linear(config.word_embed_proj_dim, 2)
         self.post_init()
 
     def forward(

@@ -1,0 +1,88 @@
+"""The PyTorch decode path's CPU speedups (`opt_torch.linear`, `opt_torch.generation.prepare_decoding`): the LM
+head stored transposed, the oneDNN-packed dense weights. Each changes how the products are computed, never which
+model is computed: these tests hold them to the plain `F.linear` model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FP32_ATOL, sample_batch
+
+import opt_torch
+from opt_torch import linear as torch_linear
+
+IDS, MASK = (torch.from_numpy(a) for a in sample_batch())
+OPTIONS = dict(max_new_tokens=12, eos_token_id=None, no_repeat_ngram_size=0)
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, torch_linear.Linear)]
+
+
+@pytest.fixture
+def unpacked(monkeypatch):
+    """The decode loops without the packed weights: every layer computes F.linear."""
+    monkeypatch.setattr(torch_linear, "pack_linears", lambda modules, budget: None)
+    monkeypatch.setattr(opt_torch.generation, "pack_linears", lambda modules, budget: None)
+
+
+@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj", "untied"])
+def test_packed_decode_gives_the_plain_models_ids(hf_checkpoint, variant):
+    folder, hf = hf_checkpoint(variant)
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder)
+    before = model(IDS, attention_mask=MASK).logits
+    ours = model.generate(IDS, attention_mask=MASK, **OPTIONS)
+    assert all(layer.packed is not None for layer in _layers(model))  # every dense layer, the head included
+    with torch.no_grad():
+        expected = hf.generate(IDS, attention_mask=MASK, do_sample=False, min_new_tokens=12, **OPTIONS)
+    assert torch.equal(ours, expected)
+    assert torch.equal(model(IDS, attention_mask=MASK).logits, before)  # forward never uses the packed weights
+
+
+def test_a_packed_layer_agrees_with_f_linear_and_a_changed_weight_is_not_served_stale():
+    torch.manual_seed(0)
+    layer = torch_linear.Linear(768, 3072)  # opt-125m's fc1
+    x = torch.randn(3, 5, 768)
+    assert layer.pack() == 768 * 3072 * 4 and layer.pack() == 0  # packed once
+    with torch.no_grad():
+        plain = layer(x)  # outside the decode loops: F.linear
+        with torch_linear.packed_linears():
+            packed = layer(x)
+        assert not torch.equal(packed, plain)  # the packed op ran: another summation order
+        torch.testing.assert_close(packed, plain, atol=FP32_ATOL, rtol=0)
+        layer.weight.mul_(0.5)  # e.g. an optimizer step: the packed copy is stale now
+        with torch_linear.packed_linears():
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        assert layer.pack() > 0  # the next generate packs it again
+        with torch_linear.packed_linears():
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_bf16_weights_and_a_model_over_the_memory_budget_are_not_packed(hf_checkpoint, monkeypatch):
+    folder, _ = hf_checkpoint("pre_ln")
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder, dtype="bfloat16")  # packing measured for fp32 only
+    model.generate(IDS, attention_mask=MASK, **OPTIONS)
+    assert all(layer.packed is None for layer in _layers(model))
+    monkeypatch.setattr(opt_torch.generation, "_available_memory", lambda: 0)  # no room for the copies
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder)
+    model.generate(IDS, attention_mask=MASK, **OPTIONS)
+    assert all(layer.packed is None for layer in _layers(model))
+    assert model.lm_head.weight.is_contiguous()  # nor is the head moved
+
+
+def test_compiled_decode_packs_nothing(hf_checkpoint):
+    folder, _ = hf_checkpoint("pre_ln")
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder)
+    compiled = model.generate(IDS, attention_mask=MASK, compile=True, **OPTIONS)
+    assert all(layer.packed is None for layer in _layers(model))
+    assert torch.equal(compiled, model.generate(IDS, attention_mask=MASK, **OPTIONS))
+
+
+def test_the_tied_head_is_stored_transposed_and_still_tied(hf_checkpoint, unpacked):
+    folder, _ = hf_checkpoint("pre_ln")
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder)
+    before = model(IDS, attention_mask=MASK).logits
+    model.generate(IDS, attention_mask=MASK, **OPTIONS)
+    weight = model.lm_head.weight
+    assert weight is model.model.decoder.embed_tokens.weight and weight.t().is_contiguous()
+    assert torch.equal(model(IDS, attention_mask=MASK).logits, before)  # bit-identical in the new layout
