@@ -26,6 +26,14 @@ def unpacked(monkeypatch):
     monkeypatch.setattr(opt_torch.generation, "pack_linears", lambda modules, budget: None)
 
 
+@pytest.fixture
+def unpacked_loops(monkeypatch):
+    """Call it to run the decode loops from then on with the layers' plain F.linear (packed copies kept)."""
+    from contextlib import nullcontext
+
+    return lambda: monkeypatch.setattr(opt_torch.generation, "packed_linears", nullcontext)
+
+
 @pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj", "untied"])
 def test_packed_decode_gives_the_plain_models_ids(hf_checkpoint, variant):
     folder, hf = hf_checkpoint(variant)
@@ -58,9 +66,9 @@ def test_a_packed_layer_agrees_with_f_linear_and_a_changed_weight_is_not_served_
             torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
-def test_bf16_weights_and_a_model_over_the_memory_budget_are_not_packed(hf_checkpoint, monkeypatch):
+def test_fp16_weights_and_a_model_over_the_memory_budget_are_not_packed(hf_checkpoint, monkeypatch):
     folder, _ = hf_checkpoint("pre_ln")
-    model = opt_torch.OPTForCausalLM.from_pretrained(folder, dtype="bfloat16")  # packing measured for fp32 only
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder, dtype="float16")  # packed: fp32 and bf16 only
     model.generate(IDS, attention_mask=MASK, **OPTIONS)
     assert all(layer.packed is None for layer in _layers(model))
     monkeypatch.setattr(opt_torch.generation, "_available_memory", lambda: 0)  # no room for the copies
@@ -68,6 +76,15 @@ def test_bf16_weights_and_a_model_over_the_memory_budget_are_not_packed(hf_check
     model.generate(IDS, attention_mask=MASK, **OPTIONS)
     assert all(layer.packed is None for layer in _layers(model))
     assert model.lm_head.weight.is_contiguous()  # nor is the head moved
+
+
+def test_bf16_packed_decode_gives_the_plain_bf16_models_ids(hf_checkpoint, unpacked_loops):
+    folder, _ = hf_checkpoint("pre_ln")
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder, dtype="bfloat16")
+    packed = model.generate(IDS, attention_mask=MASK, **OPTIONS)
+    assert all(layer.packed is not None and layer.packed[0].dtype == torch.bfloat16 for layer in _layers(model))
+    unpacked_loops()
+    assert torch.equal(model.generate(IDS, attention_mask=MASK, **OPTIONS), packed)
 
 
 def test_compiled_decode_packs_nothing(hf_checkpoint):
