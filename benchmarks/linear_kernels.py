@@ -18,9 +18,9 @@ Rows (ms per step, best of `--repeats`):
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from gemv import best_of  # the sibling script's timer (benchmarks/ is on the path when a script here runs)
 
 SHAPES = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]  # [out, in] of q, k, v, out_proj, fc1, fc2
 LAYERS, HEAD = 12, (50272, 768)
@@ -33,13 +33,7 @@ def weights(seed: int = 0) -> list[np.ndarray]:
 
 
 def best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+    return best_of(fn, repeats) * 1e3
 
 
 def torch_rows(arrays: list[np.ndarray], rows: int, repeats: int) -> dict[str, float]:
