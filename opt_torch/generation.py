@@ -20,7 +20,7 @@ from opt_core.generation import DecodeOptions, GenerationCall, GenerationConfig,
 from opt_core.quantization import quantize_int8
 from opt_torch.arrays import torch_to_numpy
 from opt_torch.cache import StaticKVCache
-from opt_torch.linear import pack_linears, packed_linears
+from opt_torch.linear import pack_linears, packed_linears, weight_identity
 from opt_torch.lora import LoraLinear
 from opt_torch.quantization import PACK_MM_MULTIPLE, int8_linear
 
@@ -205,13 +205,13 @@ def prepare_decoding(model, pack: bool = True) -> None:
 
 
 def _int8_head(model, weight: torch.Tensor) -> None:
-    """Keeps `model._int8_head` = (int8 weight, scales, the float weight's version) current."""
+    """Keeps `model._int8_head` = (int8 weight, scales, the float weight's `weight_identity`) current."""
     held = getattr(model, "_int8_head", None)
-    if held is not None and held[2] == (id(weight), weight._version):
+    if held is not None and held[2] == weight_identity(weight):
         return
     q, scale = quantize_int8(torch_to_numpy(weight))
     # clone: into torch's 64-byte aligned memory, which the packed op needs (opt_torch.pretrained._SHAREABLE)
-    model._int8_head = (torch.from_numpy(q).clone(), torch.from_numpy(scale), (id(weight), weight._version))
+    model._int8_head = (torch.from_numpy(q).clone(), torch.from_numpy(scale), weight_identity(weight))
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:

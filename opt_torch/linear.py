@@ -37,23 +37,38 @@ class Linear(nn.Linear):
     """`nn.Linear` (the same parameters, names and math) that computes with `packed`, a oneDNN-packed copy of its
     weight, while `PACKED` is set and the weight is the one it was packed from."""
 
-    packed: tuple[torch.Tensor, tuple[int, int]] | None = None  # (packed weight, (id, version) of the weight)
+    packed: tuple[torch.Tensor, tuple] | None = None  # (packed weight, `weight_identity` of the weight it came from)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling() and self.packed is not None and PACKED.get():
             packed, packed_from = self.packed
-            if packed_from == (id(self.weight), self.weight._version) and x.dtype == packed.dtype:
+            if packed_from == weight_identity(self.weight) and x.dtype == packed.dtype and x.device.type == "cpu":
                 return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
+    def is_packed(self) -> bool:
+        """A packed copy of the current weight exists."""
+        return self.packed is not None and self.packed[1] == weight_identity(self.weight)
+
     def pack(self) -> int:
         """Makes (or keeps) the packed copy of the current weight; returns the bytes of a new copy (0 if none)."""
-        weight = self.weight
-        if self.packed is not None and self.packed[1] == (id(weight), weight._version):
+        if self.is_packed():
             return 0
+        weight = self.weight
         with torch.no_grad():
-            self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), (id(weight), weight._version))
+            self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), weight_identity(weight))
         return weight.numel() * weight.element_size()
+
+    def __getstate__(self) -> dict:
+        # The packed copy is an opaque oneDNN tensor, which copy.deepcopy and torch.save cannot read; the next
+        # generate packs again.
+        return {**super().__getstate__(), "packed": None}
+
+
+def weight_identity(weight: torch.Tensor) -> tuple:
+    """What a packed copy is checked against: the weight's memory and in-place write count, so `.data =`, `.to()`,
+    `load_state_dict` and optimizer steps all make the copy stale."""
+    return weight.data_ptr(), weight._version, weight.dtype, weight.device
 
 
 def packable(module: nn.Module) -> bool:
@@ -73,7 +88,7 @@ def pack_linears(modules: list[nn.Module], budget: int) -> None:
     """Packs every packable `Linear` of `modules` whose weight changed since (all of them the first time), if the
     copies of the ones not packed yet fit in `budget` bytes; otherwise packs none."""
     layers = [m for m in modules if packable(m)]
-    fresh = [m for m in layers if m.packed is None or m.packed[1] != (id(m.weight), m.weight._version)]
+    fresh = [m for m in layers if not m.is_packed()]
     if sum(m.weight.numel() * m.weight.element_size() for m in fresh) > budget:
         return
     for layer in fresh:

@@ -51,7 +51,7 @@ def test_a_packed_layer_agrees_with_f_linear_and_a_changed_weight_is_not_served_
     torch.manual_seed(0)
     layer = torch_linear.Linear(768, 3072)  # opt-125m's fc1
     x = torch.randn(3, 5, 768)
-    assert layer.pack() == 768 * 3072 * 4 and layer.pack() == 0  # packed once
+    assert layer.pack() == 768 * 3072 * 4 and layer.pack() == 0 and layer.is_packed()  # packed once
     with torch.no_grad():
         plain = layer(x)  # outside the decode loops: F.linear
         with torch_linear.packed_linears():
@@ -76,6 +76,22 @@ def test_fp16_weights_and_a_model_over_the_memory_budget_are_not_packed(hf_check
     model.generate(IDS, attention_mask=MASK, **OPTIONS)
     assert all(layer.packed is None for layer in _layers(model))
     assert model.lm_head.weight.is_contiguous()  # nor is the head moved
+
+
+def test_a_packed_model_still_copies_and_saves_whole_and_repacks_after_a_data_swap(hf_checkpoint, tmp_path):
+    import copy
+
+    folder, _ = hf_checkpoint("pre_ln")
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder)
+    ids = model.generate(IDS, attention_mask=MASK, **OPTIONS)
+    clone = copy.deepcopy(model)  # the opaque packed tensors are dropped from copies and pickles
+    torch.save(model, tmp_path / "model.pt")
+    assert all(layer.packed is None for layer in _layers(clone))
+    assert torch.equal(clone.generate(IDS, attention_mask=MASK, **OPTIONS), ids)
+    fc2 = model.model.decoder.layers[1].fc2
+    fc2.weight.data = fc2.weight.data.clone()  # no in-place write: a new memory only
+    assert not fc2.is_packed()
+    assert torch.equal(model.generate(IDS, attention_mask=MASK, **OPTIONS), ids) and fc2.is_packed()
 
 
 def test_bf16_packed_decode_gives_the_plain_bf16_models_ids(hf_checkpoint, unpacked_loops):
