@@ -51,8 +51,9 @@ def is_adapter_name(name: str) -> bool:
 # ----- the layers
 
 
-class LoraLinear(nn.Linear):
-    """An `nn.Linear` with LoRA pairs keyed by adapter name: `base(x) + scaling * B(A(dropout(x)))`.
+class LoraLinear(Linear):
+    """An `nn.Linear` with LoRA pairs keyed by adapter name: `base(x) + scaling * B(A(dropout(x)))`; its base
+    product is `opt_torch.linear.Linear`'s (packed while generate decodes on a CPU).
 
     Args:
         base: the Linear it replaces; its `weight` and `bias` parameters are taken over, not copied.
@@ -83,7 +84,7 @@ class LoraLinear(nn.Linear):
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's own output (an int8 base overrides it: `opt_torch.quantization.LoraInt8Linear`)."""
-        return F.linear(x, self.weight, self.bias)  # exactly nn.Linear's, so a disabled adapter is the base model
+        return Linear.forward(self, x)  # exactly the base layer's, so a disabled adapter is the base model
 
     def check_merge(self) -> None:
         """Raises when this layer cannot merge (an int8 base); called for every layer before any merges."""
@@ -127,7 +128,7 @@ class LoraLinear(nn.Linear):
 
 def _bias_free_linear(weight: torch.Tensor) -> nn.Linear:
     out_features, in_features = weight.shape
-    linear = Linear(in_features, out_features, bias=False, device="meta")
+    linear = nn.Linear(in_features, out_features, bias=False, device="meta")  # called by weight, never packed
     linear.weight = nn.Parameter(weight)
     return linear
 

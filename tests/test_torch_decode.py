@@ -94,6 +94,16 @@ def test_a_packed_model_still_copies_and_saves_whole_and_repacks_after_a_data_sw
     assert torch.equal(model.generate(IDS, attention_mask=MASK, **OPTIONS), ids) and fc2.is_packed()
 
 
+def test_lora_layers_decode_packed_with_their_adapter(hf_checkpoint, unpacked_loops):
+    folder, _ = hf_checkpoint("pre_ln")
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder)
+    model.add_adapter({"r": 4, "target_modules": ["q_proj", "fc1"], "init_lora_weights": False}, seed=1)
+    packed = model.generate(IDS, attention_mask=MASK, **OPTIONS)
+    assert model.model.decoder.layers[0].fc1.is_packed()  # the LoRA layer's base weight
+    unpacked_loops()
+    assert torch.equal(model.generate(IDS, attention_mask=MASK, **OPTIONS), packed)
+
+
 def test_bf16_packed_decode_gives_the_plain_bf16_models_ids(hf_checkpoint, unpacked_loops):
     folder, _ = hf_checkpoint("pre_ln")
     model = opt_torch.OPTForCausalLM.from_pretrained(folder, dtype="bfloat16")
