@@ -5,6 +5,11 @@ persistent cache (`opt_tf`), in one folder. PyTorch's inductor keeps its own FX-
     OPT_LM_COMPILE_CACHE=/path/to/folder   # where (default: $XDG_CACHE_HOME/opt-lm/compiled, else ~/.cache/...)
     OPT_LM_COMPILE_CACHE=0                 # keep nothing on disk
 
+JAX's cache is on by default. TensorFlow's only when OPT_LM_COMPILE_CACHE names a folder: TensorFlow 2.21 reads
+each entry as a text proto before the binary one and logs the failure as an ERROR line ("Error parsing text-format
+tensorflow.XlaSerializedCacheEntry") on every warm start, while its first `generate` is mostly Keras tracing, which
+the cache does not keep (measured on opt-125m, quiet machine: 9.2 s cold against 9.8 s warm; BENCHMARKS.md).
+
 A user's own setting wins: `jax.config.jax_compilation_cache_dir` already set, or `--tf_xla_persistent_cache_directory`
 already in TF_XLA_FLAGS, is left as it is. Entries are keyed by the compiled program and the compiler's version, so
 a stale entry is never used; deleting the folder is always safe.
@@ -33,8 +38,9 @@ def cache_folder(kind: str) -> Path | None:
 
 
 def tf_xla_flags(flags: str) -> str:
-    """TF_XLA_FLAGS with the persistent cache folder added (before TensorFlow starts, which reads them once)."""
-    folder = cache_folder("tf")
+    """TF_XLA_FLAGS with the persistent cache folder added (before TensorFlow starts, which reads them once), when
+    OPT_LM_COMPILE_CACHE names one (see above)."""
+    folder = cache_folder("tf") if os.environ.get(ENV) else None
     if folder is None or "--tf_xla_persistent_cache_directory" in flags:
         return flags
     return f"{flags} --tf_xla_persistent_cache_directory={folder}".strip()

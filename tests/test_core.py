@@ -494,3 +494,19 @@ def test_keras_token_embedding_alias_is_accepted():
     tensors["model/decoder/embed_tokens/embeddings:0"] = tensors.pop("model/decoder/embed_tokens/weight:0")
     back = match_checkpoint(tensors, config, "causal_lm", "keras", source="tf_model.h5")
     assert "model.decoder.embed_tokens.weight" in back.tensors
+
+
+def test_compile_cache_folders(monkeypatch, tmp_path):
+    """JAX's cache folder by default; TensorFlow's XLA cache only when OPT_LM_COMPILE_CACHE names a folder (its
+    warm starts log an ERROR line, opt_core.compile_cache); "0" turns both off; a user's own TF flag wins."""
+    from opt_core.compile_cache import cache_folder, tf_xla_flags
+
+    monkeypatch.delenv("OPT_LM_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_folder("jax") == tmp_path / "opt-lm" / "compiled" / "jax"
+    assert tf_xla_flags("--tf_xla_auto_jit=2") == "--tf_xla_auto_jit=2"
+    monkeypatch.setenv("OPT_LM_COMPILE_CACHE", str(tmp_path / "c"))
+    assert tf_xla_flags("") == f"--tf_xla_persistent_cache_directory={tmp_path / 'c' / 'tf'}"
+    assert tf_xla_flags("--tf_xla_persistent_cache_directory=/mine") == "--tf_xla_persistent_cache_directory=/mine"
+    monkeypatch.setenv("OPT_LM_COMPILE_CACHE", "0")
+    assert cache_folder("jax") is None and tf_xla_flags("") == ""
