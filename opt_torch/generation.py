@@ -205,13 +205,14 @@ def prepare_decoding(model, pack: bool = True) -> None:
 
 
 def _int8_head(model, weight: torch.Tensor) -> None:
-    """Keeps `model._int8_head` = (int8 weight, scales, the float weight's `weight_identity`) current."""
+    """Keeps `model._int8_head` = (int8 weight, scales, the float weight's `weight_identity`, the float weight:
+    held, as `opt_torch.linear.Linear.packed` holds its own) current."""
     held = getattr(model, "_int8_head", None)
     if held is not None and held[2] == weight_identity(weight):
         return
     q, scale = quantize_int8(torch_to_numpy(weight))
     # clone: into torch's 64-byte aligned memory, which the packed op needs (opt_torch.pretrained._SHAREABLE)
-    model._int8_head = (torch.from_numpy(q).clone(), torch.from_numpy(scale), weight_identity(weight))
+    model._int8_head = (torch.from_numpy(q).clone(), torch.from_numpy(scale), weight_identity(weight), weight.detach())
 
 
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:

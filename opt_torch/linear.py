@@ -37,11 +37,13 @@ class Linear(nn.Linear):
     """`nn.Linear` (the same parameters, names and math) that computes with `packed`, a oneDNN-packed copy of its
     weight, while `PACKED` is set and the weight is the one it was packed from."""
 
-    packed: tuple[torch.Tensor, tuple] | None = None  # (packed weight, `weight_identity` of the weight it came from)
+    # (packed weight, `weight_identity` of the weight it came from, that weight: held so its memory, the identity's
+    # address, is not reused by another tensor while the copy lives)
+    packed: tuple[torch.Tensor, tuple, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling() and self.packed is not None and PACKED.get():
-            packed, packed_from = self.packed
+            packed, packed_from, _ = self.packed
             if packed_from == weight_identity(self.weight) and x.dtype == packed.dtype and x.device.type == "cpu":
                 return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -56,7 +58,8 @@ class Linear(nn.Linear):
             return 0
         weight = self.weight
         with torch.no_grad():
-            self.packed = (torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), weight_identity(weight))
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+            self.packed = (packed, weight_identity(weight), weight.detach())
         return weight.numel() * weight.element_size()
 
     def __getstate__(self) -> dict:

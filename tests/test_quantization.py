@@ -408,7 +408,7 @@ def test_generate_computes_an_int8_models_head_in_int8_and_forward_keeps_it_floa
         float_logits = model.lm_head(hidden)
         assert torch.equal(model(ids).logits, float_logits)
         prepare_decoding(model)
-        q, scale, _ = model._int8_head
+        q, scale, *_ = model._int8_head
         assert q.dtype == torch.int8 and q.data_ptr() % 64 == 0 and q.shape == model.lm_head.weight.shape
         int8_logits = lm_logits(model, hidden)
         assert torch.equal(model(ids).logits, float_logits)  # forward: the float head still
