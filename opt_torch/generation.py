@@ -167,18 +167,20 @@ class GenerationMixin:
 
 
 # A CPU decode step multiplies the LM head's weight W [V, E] by one row (or a few) of activations. MKL reads W faster
-# when its memory holds W's transpose, [E, V] row by row (the same tensor [V, E], transposed strides): measured with
-# torch 2.13 on 2 cores, the tied 50272 x 768 head of opt-125m took 9.0 ms at batch 1 against 5.1 ms (17.4 against
-# 11.9 ms at batch 8, 38.3 against 31.9 at 64), bit-identical. The decoder's own products gain at one or two rows
-# and lose at eight (19.3 against 16.6 ms at batch 1, 29.6 against 39.3 at batch 8, all 72 of them), so they are
-# left as loaded. `generate` moves a float32 head into that layout once (the tied embedding with it: its row
-# lookups do not mind), when the copy fits in half the memory the OS reports available: a model larger than that
-# keeps sharing its file's pages.
+# when its memory holds W's transpose, [E, V] row by row (the same tensor [V, E], transposed strides): measured by
+# `python benchmarks/linear_kernels.py` (torch 2.13, 2 cores), the tied 50272 x 768 head of opt-125m took 9.6 ms at
+# batch 1 against 5.6 ms (13.9 against 12.6 ms at batch 8), bit-identical. The decoder's own products gain at one row
+# and lose at eight (all 73: 29.2 against 23.9 ms at batch 1, 38.0 against 44.8 at batch 8), so they are left as
+# loaded. `generate` moves a float32 head into that layout once (the tied embedding with it: its row lookups do not
+# mind), when the copy fits in half the memory the OS reports available: a model larger than that keeps sharing
+# its file's pages. Where memory allows, the head is also packed (`opt_torch.linear`: 3.5 ms), which the decode
+# loops use instead.
 #
 # On an int8 model (`quantize("int8")`) the decoder's products are int8 and the float head becomes most of each
 # step's bytes (154 of 240 MB for opt-125m), so `generate` computes the head's logits with an int8 copy of its weight
-# (per-row scales, `opt_core.quantization.quantize_int8`, as CTranslate2's int8 does): 1.07 ms against 5.1 at batch
-# 1, 2.4 against 11.9 at batch 8. `forward` keeps the float head, so scores and training stay HF's.
+# (per-row scales, `opt_core.quantization.quantize_int8`, as CTranslate2's int8 does): 1.0 ms against 5.6 ms at
+# batch 1, 3.0 against 12.6 at batch 8 (same benchmark). `forward` keeps the float head, so scores and training
+# stay HF's.
 DECODE_LAYOUT_DTYPES = (torch.float32,)
 
 

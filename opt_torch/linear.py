@@ -3,12 +3,10 @@
 A CPU decode step multiplies every dense weight by one row of activations (or a few), and `F.linear`'s MKL path reads
 the weights far below the memory's speed at those sizes. oneDNN's linear over a weight reordered once into its own
 blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, then `_linear_pointwise`, the ops Inductor's freezing
-uses) reads them much faster. Measured with torch 2.13 on this project's 2-core machine, the 72 fp32 products of an
-opt-125m decode step: 25.8 ms with `F.linear` against 13.6 ms packed at batch 1, 41.1 against 10.9 ms at batch 8;
-a 3072 x 768 layer at 128 rows (a prefill) 4.9 against 1.4 ms. In bfloat16 (this CPU has AVX512-BF16, no AMX) the
-73 products with the LM head took 10.4 ms with `F.linear` against 6.9 ms packed at batch 1, 11.9 against 8.0 ms at
-batch 8 (fp32 packed: 15.8 and 20.0 ms). The results differ from `F.linear`'s by summation order only (about 4e-6
-relative in fp32).
+uses) reads them much faster. Measured by `python benchmarks/linear_kernels.py` (BENCHMARKS.md) on this project's 2-core
+machine with torch 2.13, the 73 products of an opt-125m decode step took 29.2 ms with `F.linear` against 21.3 ms
+packed at batch 1, 38.0 against 21.0 ms at batch 8; in bfloat16 (AVX512-BF16, no AMX) 15.5 against 8.6 ms and
+12.2 against 8.4 ms. The results differ from `F.linear`'s by summation order only (about 4e-6 relative in fp32).
 
 So `generate` (`opt_torch.generation.prepare_decoding`) packs the float32 and bfloat16 weights of the model's
 `Linear`s once, when the copies fit in half the memory the OS reports available, and sets `PACKED` while it
