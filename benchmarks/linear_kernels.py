@@ -11,8 +11,12 @@ Rows (ms per step, best of `--repeats`):
   during generate); MKL's packed GEMM (`torch.ops.mkl._mkl_linear`); oneDNN's packed linear
   (`torch.ops.mkldnn._linear_pointwise`, opt_torch's dense layers during generate); in bfloat16 plain and packed;
   int8 weights through `torch.ops.aten._weight_int8pack_mm` with bf16 activations (opt_torch's int8 layers).
-* XLA CPU (`jax.jit`), kernels [in, out]: fp32, bf16, and int8 weights dequantized in the product (what an int8
-  Keras or Flax model would compute).
+* `torch.compile` of what a `generate(compile=True)` step computes for each product: at one row
+  `opt_torch.linear.one_row_product` (a multiply-sum Inductor fuses into one threaded, vectorized pass over the
+  weight), at more the mm; fp32 and bf16. Each product is a call of the compiled function, guards included.
+* XLA CPU (`jax.jit`), kernels [in, out]: fp32, bf16, int8 weights dequantized in the product (what an int8
+  Keras or Flax model would compute), and int8 weights [out, in] in a multiply-sum over 16-element blocks (a fused
+  loop that reads the int8 bytes once: the formulation of an int8 product XLA CPU runs fastest, measured).
 * The torch rows again for the LM head alone (50272 x 768, 154 MB in fp32).
 """
 
@@ -41,6 +45,8 @@ def torch_rows(arrays: list[np.ndarray], rows: int, repeats: int) -> dict[str, f
     import torch
     import torch.nn.functional as F
 
+    from opt_torch.linear import one_row_product
+
     weights = [torch.from_numpy(a) for a in arrays]
     inputs = {dt: {k: torch.randn(rows, k, dtype=dt) for k in (768, 3072)} for dt in (torch.float32, torch.bfloat16)}
 
@@ -59,6 +65,10 @@ def torch_rows(arrays: list[np.ndarray], rows: int, repeats: int) -> dict[str, f
         scale = w.abs().amax(dim=1) / 127
         int8.append((torch.round(w / scale[:, None]).to(torch.int8).clone(), scale.bfloat16()))
     linear = lambda x, w, p: F.linear(x, w)  # noqa: E731
+    # what a `generate(compile=True)` step computes: at one row opt_torch's fused multiply-sum, else the mm; one
+    # compilation per weight shape and dtype (more than dynamo's default limit, past which it would run eagerly)
+    torch._dynamo.config.recompile_limit = 64
+    compiled = torch.compile(lambda x, w: one_row_product(x, w, None) if rows == 1 else F.linear(x, w), dynamic=False)
     pointwise = lambda x, w, p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")  # noqa: E731
     with torch.no_grad():
         return {
@@ -68,7 +78,11 @@ def torch_rows(arrays: list[np.ndarray], rows: int, repeats: int) -> dict[str, f
                 run(mkl, lambda x, w, p: torch.ops.mkl._mkl_linear(x, p, w, None, rows)), repeats
             ),
             "torch oneDNN packed fp32": best_ms(run(onednn, pointwise), repeats),
+            "torch.compile fp32 (one row: multiply-sum)": best_ms(run(plain, lambda x, w, p: compiled(x, w)), repeats),
             "torch F.linear bf16": best_ms(run(bf16, linear, torch.bfloat16), repeats),
+            "torch.compile bf16 (one row: multiply-sum)": best_ms(
+                run(bf16, lambda x, w, p: compiled(x, w), torch.bfloat16), repeats
+            ),
             "torch oneDNN packed bf16": best_ms(run(bf16_packed, pointwise, torch.bfloat16), repeats),
             "torch int8 _weight_int8pack_mm (bf16 act.)": best_ms(
                 run(int8, lambda x, q, s: torch.ops.aten._weight_int8pack_mm(x, q, s), torch.bfloat16), repeats
@@ -81,22 +95,30 @@ def jax_rows(arrays: list[np.ndarray], rows: int, repeats: int) -> dict[str, flo
     import jax.numpy as jnp
 
     kernels = [jnp.asarray(a.T) for a in arrays]  # [in, out], as Flax and Keras hold them
-    q = [jnp.asarray(np.round(a.T / (np.abs(a).max(axis=1) / 127)).astype(np.int8)) for a in arrays]
-    scales = [jnp.asarray(np.abs(a).max(axis=1) / 127) for a in arrays]
-    x = {k: jnp.ones((rows, k)) for k in (768, 3072)}
+    scales = [np.abs(a).max(axis=1) / 127 for a in arrays]
+    q = [jnp.asarray(np.round(a.T / s).astype(np.int8)) for a, s in zip(arrays, scales)]  # [in, out]
+    q_rows = [jnp.asarray(np.round(a / s[:, None]).astype(np.int8)) for a, s in zip(arrays, scales)]  # [out, in]
+    scales = [jnp.asarray(s) for s in scales]
+    rng = np.random.default_rng(1)  # random arguments: XLA would simplify a product by a constant of ones
+    x = {k: jnp.asarray(rng.standard_normal((rows, k), dtype=np.float32)) for k in (768, 3072)}
 
-    def products(ws, product):
-        return [product(x[w.shape[0]], w) for w in ws]
+    def lanes(x, w):
+        """x [R, K] by int8 w [N, K] as a multiply-sum over 16-element blocks of K (XLA vectorizes the blocks)."""
+        (n, k), r = w.shape, x.shape[0]
+        blocks = x.reshape(r, 1, k // 16, 16) * w.reshape(1, n, k // 16, 16).astype(jnp.float32)
+        return blocks.sum(axis=2).sum(axis=-1)
 
-    fp32 = jax.jit(lambda ws: products(ws, lambda a, w: a @ w))
-    bf16 = jax.jit(lambda ws: products(ws, lambda a, w: (a.astype(jnp.bfloat16) @ w).astype(jnp.float32)))
-    int8 = jax.jit(lambda ws, ss: [x[w.shape[0]] @ w.astype(jnp.float32) * s for w, s in zip(ws, ss)])
+    fp32 = jax.jit(lambda x, ws: [x[w.shape[0]] @ w for w in ws])
+    bf16 = jax.jit(lambda x, ws: [(x[w.shape[0]].astype(jnp.bfloat16) @ w).astype(jnp.float32) for w in ws])
+    int8 = jax.jit(lambda x, ws, ss: [x[w.shape[0]] @ w.astype(jnp.float32) * s for w, s in zip(ws, ss)])
+    int8_sum = jax.jit(lambda x, ws, ss: [lanes(x[w.shape[1]], w) * s for w, s in zip(ws, ss)])
     bf16_kernels = [k.astype(jnp.bfloat16) for k in kernels]
     ready = jax.block_until_ready
     return {
-        "XLA fp32": best_ms(lambda: ready(fp32(kernels)), repeats),
-        "XLA bf16": best_ms(lambda: ready(bf16(bf16_kernels)), repeats),
-        "XLA int8 dequantized in the product": best_ms(lambda: ready(int8(q, scales)), repeats),
+        "XLA fp32": best_ms(lambda: ready(fp32(x, kernels)), repeats),
+        "XLA bf16": best_ms(lambda: ready(bf16(x, bf16_kernels)), repeats),
+        "XLA int8 dequantized in the product": best_ms(lambda: ready(int8(x, q, scales)), repeats),
+        "XLA int8 as a multiply-sum over 16-lane blocks": best_ms(lambda: ready(int8_sum(x, q_rows, scales)), repeats),
     }
 
 

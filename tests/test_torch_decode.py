@@ -129,3 +129,29 @@ def test_the_tied_head_is_stored_transposed_and_still_tied(hf_checkpoint, unpack
     weight = model.lm_head.weight
     assert weight is model.model.decoder.embed_tokens.weight and weight.t().is_contiguous()
     assert torch.equal(model(IDS, attention_mask=MASK).logits, before)  # bit-identical in the new layout
+
+
+@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj", "untied"])
+def test_compiled_batch_one_decode_gives_the_eager_ids(hf_checkpoint, variant):
+    # batch one: the compiled step's products are one row each (opt_torch.linear.one_row_product)
+    folder, _ = hf_checkpoint(variant)
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder)
+    ids = IDS[:1, MASK[0].argmax() :]  # the first row without its left padding
+    compiled = model.generate(ids, compile=True, **OPTIONS)
+    assert torch.equal(compiled, model.generate(ids, **OPTIONS))
+
+
+def test_a_compiled_one_row_product_is_fused_not_an_mm():
+    from torch._inductor.utils import run_and_get_code
+
+    layer = torch_linear.Linear(64, 48)
+    compiled = torch.compile(layer, dynamic=False)
+    with torch.no_grad():
+        x = torch.randn(1, 1, 64)
+        y, code = run_and_get_code(compiled, x)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=FP32_ATOL)
+        assert "mm(" not in "".join(code)  # Inductor's own vectorized loop, not the extern (MKL) product
+        _, code = run_and_get_code(compiled, torch.randn(3, 64))  # several rows: the mm, as F.linear
+        assert "mm(" in "".join(code)
+    _, code = run_and_get_code(compiled, x)  # with autograd (training): F.linear as written
+    assert "mm(" in "".join(code)
