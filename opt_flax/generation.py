@@ -507,19 +507,20 @@ class GenerationMixin:
             self, input_ids, attention_mask, generation_config, streamer, seed, tokenizer, **kwargs
         )
         run = self._decoding_function(call.options.strategy)
-        params = self._decode_params(self.params if params is None else params)
+        params = self._decode_params(self.params if params is None else params, call.step_rows)
         input_ids, attention_mask = call.input_ids.astype(np.int32), call.attention_mask.astype(np.int32)
         with _host_call(call.streamer, call.stop_strings, input_ids) as call_id:
             result = run(params, input_ids, attention_mask, call.uniforms, call.options, np.int32(call_id))
             sequences, length = jax.device_get(result)
         return np.asarray(sequences[:, : int(length)], dtype=np.int64)
 
-    def _decode_params(self, params):
-        """The params `generate` decodes with: `opt_flax.decode_layout`'s [out, in] view where it pays, kept on the
-        model while the same arrays are passed; an active LoRA adapter applied either way (merged into the view)."""
+    def _decode_params(self, params, rows: int):
+        """The params `generate` decodes with, for decode steps of `rows` rows: `opt_flax.decode_layout`'s [out, in]
+        view where it pays, kept on the model while the same arrays are passed; an active LoRA adapter applied either
+        way (merged into the view)."""
         if getattr(self, "_decode_layout", None) is None:
             self._decode_layout = DecodeLayout()
-        return self._decode_layout.params_for(params)
+        return self._decode_layout.params_for(params, rows)
 
     def _decoding_function(self, strategy: str):
         """The jitted loop, made once per strategy and model configuration (so a reloaded model reuses it): jit's

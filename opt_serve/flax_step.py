@@ -65,7 +65,7 @@ class FlaxStepModel:
     def __init__(self, model, slots: int, max_length: int):
         self.module, self.config, self.dtype = model.module, model.config, model.dtype
         self.slots, self.max_length = slots, max_length
-        self.params = DecodeLayout().params_for(model.params)  # generate's decode-time params
+        self.params = DecodeLayout().params_for(model.params, slots)  # what generate decodes `slots` rows with
         self.key_values = model.init_cache(slots, max_length).key_values
         self._decode = jax.jit(self._decode_program, donate_argnums=(1,))
         self._prefill = jax.jit(self._prefill_program)

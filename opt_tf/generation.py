@@ -582,22 +582,24 @@ class _Compiled:
         self.programs: dict[tuple[str, DecodeOptions], tf.types.experimental.GenericFunction] = {}
         self.layout: DecodeLayout | None = None
 
-    def refresh_layout(self, model) -> None:
-        """Makes or refreshes the [out, in] kernels where they pay, before any program runs or is traced."""
+    def layout_for(self, model, rows: int) -> DecodeLayout | None:
+        """The [out, in] kernels, made or refreshed, where they pay for decode steps of `rows` rows (before any
+        program runs or is traced); None where the programs read the stored kernels."""
         layers = dense_layers(model)
-        if not DecodeLayout.pays(layers):
-            return
+        if not DecodeLayout.pays(layers, rows):
+            return None
         if self.layout is None:
             self.layout = DecodeLayout()
         self.layout.refresh(layers)
+        return self.layout
 
-    def program(self, model, name: str, statics: DecodeOptions, body):
+    def program(self, model, name: str, statics: DecodeOptions, body, layout: DecodeLayout | None):
         """The compiled `body(model, options, *args)`; `args` end with the traced options' values. A trace holds
         the LoRA adapter state it saw (which adapter, enabled, merged: `opt_tf.lora.trace_key`), so each state
-        gets its own program."""
-        key = (name, statics, lora.trace_key(model))
+        gets its own program, and so does each choice of kernels (the layout or the stored)."""
+        key = (name, statics, lora.trace_key(model), layout is not None)
         if key not in self.programs:
-            self.programs[key] = tf.function(_Program(model, name, statics, body, self.layout), jit_compile=True)
+            self.programs[key] = tf.function(_Program(model, name, statics, body, layout), jit_compile=True)
         return self.programs[key]
 
 
@@ -648,7 +650,7 @@ class GenerationMixin:
         if self._compiled is None:
             self._compiled = _Compiled()
         compiled, options = self._compiled, call.options
-        compiled.refresh_layout(self)
+        layout = compiled.layout_for(self, call.step_rows)
         # A few eos ids more or less reuse the compiled programs: the ids are padded to a multiple of 4 with -1.
         n = len(options.eos_ids)
         eos_ids = np.pad(options.eos_ids, (0, max(4, -(-n // 4) * 4) - n), constant_values=-1)
@@ -660,11 +662,13 @@ class GenerationMixin:
         )
         statics, strategy = options.statics(), options.strategy
         if call.streamer is None and call.stop_strings is None:
-            return compiled.program(self, strategy, statics, LOOPS[strategy])(*inputs, values)
+            return compiled.program(self, strategy, statics, LOOPS[strategy], layout)(*inputs, values)
         if strategy == "beam":
             bodies = {"beam_first": _beam_first, "beam_select": _beam_select_program, "beam_next": _beam_next}
-            programs = [compiled.program(self, name, statics, body) for name, body in bodies.items()]
+            programs = [compiled.program(self, name, statics, body, layout) for name, body in bodies.items()]
             return _beam_host_loop(programs, inputs, values, call)
         names = (f"{strategy}_start", f"{strategy}_step")
-        programs = [compiled.program(self, name, statics, body) for name, body in zip(names, HOST_STEPS[strategy])]
+        programs = [
+            compiled.program(self, name, statics, body, layout) for name, body in zip(names, HOST_STEPS[strategy])
+        ]
         return _host_loop(programs, inputs, values, call)

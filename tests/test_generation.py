@@ -99,6 +99,26 @@ def test_eos_stopping_equals_hf(oracle_and_folder, generators, framework, strate
         assert (actual == 1).any()  # finished rows were padded with pad_token_id
 
 
+def test_tf_and_flax_read_the_out_in_layout_at_one_row_only(oracle_and_folder):
+    """opt_core.generation.decode_layout_pays: the [out, in] copy is made for one-row decode steps, not for more
+    (a batch, beams), where XLA CPU's products read the stored kernels faster; the ids agree either way
+    (test_left_padded_batch_equals_rows_alone)."""
+    import opt_flax
+    import opt_tf
+
+    _, folder = oracle_and_folder
+    ids, mask = sample_batch(seed=13, length=8)
+    keras_model = opt_tf.TFOPTForCausalLM.from_pretrained(folder)
+    flax_model = opt_flax.FlaxOPTForCausalLM.from_pretrained(folder)
+    for model in (keras_model, flax_model):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)
+        model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, num_beams=2)
+    assert keras_model._compiled.layout is None and flax_model._decode_layout.params is None
+    for model in (keras_model, flax_model):
+        model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2)
+    assert keras_model._compiled.layout is not None and flax_model._decode_layout.params is not None
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_left_padded_batch_equals_rows_alone(generators, framework):
     ids, mask = sample_batch(seed=13, length=8)

@@ -732,7 +732,7 @@ def test_tf_greedy_generate_applies_the_adapter_merged_or_not(peft_case, monkeyp
     from opt_tf import TFOPTForCausalLM
     from opt_tf.decode_layout import DecodeLayout
 
-    monkeypatch.setattr(DecodeLayout, "pays", staticmethod(lambda layers: decode_layout))
+    monkeypatch.setattr(DecodeLayout, "pays", staticmethod(lambda layers, rows: decode_layout))
     base_folder, folder, _, peft_model = peft_case("all_linear")
     _, other_folder, _, other_peft = peft_case("q_v")
     model = TFOPTForCausalLM.from_pretrained(base_folder)
@@ -839,10 +839,13 @@ def test_tf_norms_and_embeddings_in_modules_to_save_act_as_in_peft(hf_checkpoint
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "bfloat16"])
-def test_tf_bf16_keeps_float32_lora_variables_and_merges_in_the_kernel_dtype(peft_case, policy, tmp_path):
+def test_tf_bf16_keeps_float32_lora_variables_and_merges_in_the_kernel_dtype(peft_case, policy, tmp_path, monkeypatch):
     import ml_dtypes
 
     from opt_tf import TFOPTForCausalLM
+    from opt_tf.decode_layout import DecodeLayout
+
+    monkeypatch.setattr(DecodeLayout, "pays", staticmethod(lambda layers, rows: True))  # at this batch, too
 
     base_folder, folder, expected, _ = peft_case("q_v")
     model = TFOPTForCausalLM.from_pretrained(base_folder, dtype=policy, adapter=folder)
