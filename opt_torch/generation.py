@@ -5,7 +5,8 @@ lengths, special ids, prompt checks and expansion, seeded draws, stop strings) i
 prepare_generation`, and the loops read its `DecodeOptions`. The loops reproduce HF transformers' `generate`: the
 same logits processors in the same order, the same stopping and padding rules, and its vectorised beam search.
 
-Shapes: B batch, K beams, T0 prompt length, S max length (static cache size), M new tokens at most, V vocab.
+Shapes: B batch, K beams, T0 prompt length, S static cache size (max length; rounded up for a compiled step,
+`cache_slots`), M new tokens at most, V vocab.
 """
 
 from __future__ import annotations
@@ -250,16 +251,32 @@ def _prompt(model, call: GenerationCall):
     return torch.from_numpy(call.input_ids).to(model.device), torch.from_numpy(call.attention_mask).to(model.device)
 
 
-def _start(model, input_ids, attention_mask, options: DecodeOptions):
-    """Buffers for a loop: sequences B S (pad-filled), the mask over S slots, the cache; and the prefill."""
+# A compiled step is compiled once per batch size and cache length; its cache gets max_length rounded up to a multiple
+# of this, so calls whose prompt and new tokens add up to lengths in one bucket reuse one program (torch.compile runs
+# eagerly after 8 programs of one function). The slots past max_length are never written, and the mask hides them.
+COMPILED_CACHE_MULTIPLE = 64
+
+
+def cache_slots(step, max_length: int) -> int:
+    """Slots of the static cache the loop decodes into with `step`: max_length, or for a compiled step max_length
+    rounded up to a multiple of COMPILED_CACHE_MULTIPLE."""
+    if step is decode_step:
+        return max_length
+    return -(-max_length // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
+
+
+def _start(model, step, input_ids, attention_mask, options: DecodeOptions):
+    """Buffers for a loop: sequences B L (L = max_length, pad-filled), the mask over the cache's S slots, the
+    cache; and the prefill."""
     batch, prompt = input_ids.shape
     sequences = torch.full(
         (batch, options.max_length), int(options.pad_token_id), dtype=torch.long, device=input_ids.device
     )
     sequences[:, :prompt] = input_ids
-    mask = torch.zeros((batch, options.max_length), dtype=torch.long, device=input_ids.device)
+    slots = cache_slots(step, options.max_length)
+    mask = torch.zeros((batch, slots), dtype=torch.long, device=input_ids.device)
     mask[:, :prompt] = attention_mask
-    cache = model.init_cache(batch, options.max_length)
+    cache = model.init_cache(batch, slots)
     logits, hidden = prefill(model, input_ids, mask, cache)
     return sequences, mask, cache, logits, hidden
 
@@ -307,7 +324,7 @@ class _Finisher:
 def sample_or_greedy(model, step, call: GenerationCall):
     options = call.options
     input_ids, attention_mask = _prompt(model, call)
-    sequences, mask, cache, logits, _ = _start(model, input_ids, attention_mask, options)
+    sequences, mask, cache, logits, _ = _start(model, step, input_ids, attention_mask, options)
     first_real = _first_real(attention_mask)
     uniforms = torch.from_numpy(call.uniforms).to(input_ids.device)  # B M
     rows = _Finisher(options, input_ids, call.streamer, call.stop_strings)
@@ -338,7 +355,7 @@ def contrastive_search(model, step, call: GenerationCall):
     input_ids, attention_mask = _prompt(model, call)
     batch, top_k = input_ids.shape[0], options.top_k
     expanded = (input_ids.repeat_interleave(top_k, dim=0), attention_mask.repeat_interleave(top_k, dim=0))
-    sequences, mask, cache, logits, context = _start(model, *expanded, options)  # B*K rows: one per candidate
+    sequences, mask, cache, logits, context = _start(model, step, *expanded, options)  # B*K rows: one per candidate
     sequences, logits, context = sequences[::top_k].clone(), logits[::top_k], context[::top_k]  # B S, B V, B T0 E
     context_mask = attention_mask.clone()  # B T0, grows by one real slot per step
     first_real = _first_real(attention_mask)
@@ -412,7 +429,7 @@ def _gather_beams(tensor, indices):
 def beam_search(model, step, call: GenerationCall):
     """HF's vectorised beam search (transformers >= 4.50): same candidates, scores, stopping and output length."""
     options = call.options
-    state, logits = _beam_start(model, call)
+    state, logits = _beam_start(model, step, call)
     while True:
         candidates = _beam_candidates(options, state, logits, call.stop_strings)
         state, keep_going = _beam_select(options, state, candidates)
@@ -421,13 +438,13 @@ def beam_search(model, step, call: GenerationCall):
         logits = _beam_advance(model, step, state)
 
 
-def _beam_start(model, call: GenerationCall):
+def _beam_start(model, step, call: GenerationCall):
     """The prefill of every beam row (B*K T0) and the initial state; returns it and the next-token logits."""
     options = call.options
     input_ids, attention_mask = _prompt(model, call)
     num_beams, prompt, max_length = options.num_beams, options.prompt_length, options.max_length
     batch, device = input_ids.shape[0] // num_beams, input_ids.device
-    _, mask, cache, logits, _ = _start(model, input_ids, attention_mask, options)
+    _, mask, cache, logits, _ = _start(model, step, input_ids, attention_mask, options)
     running = torch.full((batch, num_beams, max_length), int(options.beam_fill), dtype=torch.long, device=device)
     running[:, :, :prompt] = input_ids.view(batch, num_beams, prompt)
     running_scores = torch.zeros((batch, num_beams), device=device)
@@ -523,7 +540,8 @@ def _still_improvable(options: DecodeOptions, state: BeamState, cur_len: int):
 def _beam_advance(model, step, state: BeamState):
     """Feeds each running beam's last token through the model (mask and cache in place); returns the logits."""
     cur_len = state.cur_len
-    tokens = state.running[:, :, cur_len - 1].reshape(-1)  # B*K
+    # contiguous: a column of the B K L buffer has stride L, which would recompile a compiled step for every L
+    tokens = state.running[:, :, cur_len - 1].reshape(-1).contiguous()  # B*K
     state.mask[:, cur_len - 1] = 1
     slot = torch.tensor([cur_len - 1], device=tokens.device)
     logits, _ = step(model, tokens[:, None], state.mask, state.cache, slot)

@@ -141,6 +141,27 @@ def test_compiled_batch_one_decode_gives_the_eager_ids(hf_checkpoint, variant):
     assert torch.equal(compiled, model.generate(ids, **OPTIONS))
 
 
+def test_compiled_decode_reuses_its_program_within_a_cache_length_bucket(hf_checkpoint):
+    from torch._dynamo.utils import counters
+
+    from opt_torch.generation import COMPILED_CACHE_MULTIPLE
+
+    folder, _ = hf_checkpoint("pre_ln")
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder)
+    options = dict(OPTIONS, max_new_tokens=3)
+    model.generate(IDS, attention_mask=MASK, compile=True, **options)
+    graphs = counters["stats"]["unique_graphs"]
+    longest = min(COMPILED_CACHE_MULTIPLE, model.config.max_position_embeddings) - IDS.shape[1]
+    for new_tokens in (5, longest):  # other lengths, the same bucket
+        options["max_new_tokens"] = new_tokens
+        compiled = model.generate(IDS, attention_mask=MASK, compile=True, **options)
+        assert torch.equal(compiled, model.generate(IDS, attention_mask=MASK, **options))
+        for strategy in (dict(num_beams=2), dict(penalty_alpha=0.6, top_k=3)):
+            ids = model.generate(IDS, attention_mask=MASK, compile=True, **options, **strategy)
+            assert torch.equal(ids, model.generate(IDS, attention_mask=MASK, **options, **strategy))
+    assert counters["stats"]["unique_graphs"] == graphs + 2  # the two other strategies' batch sizes, once each
+
+
 def test_a_compiled_one_row_product_is_fused_not_an_mm():
     from torch._inductor.utils import run_and_get_code
 
