@@ -13,7 +13,10 @@ Rows (ms per step, best of `--repeats`):
   int8 weights through `torch.ops.aten._weight_int8pack_mm` with bf16 activations (opt_torch's int8 layers).
 * `torch.compile` of what a `generate(compile=True)` step computes for each product: at one row
   `opt_torch.linear.one_row_product` (a multiply-sum Inductor fuses into one threaded, vectorized pass over the
-  weight), at more the mm; fp32 and bf16. Each product is a call of the compiled function, guards included.
+  weight), at more the mm; fp32, bf16, and int8 weights (`opt_torch.quantization.int8_linear`: at one row a
+  multiply-sum over the int8 bytes with fp32 activations, at more the packed op). Each product is a call of the
+  compiled function, with its guards (tens of microseconds each), which a compiled step pays once: the LM head
+  row shows the kernel alone.
 * XLA CPU (`jax.jit`), kernels [in, out]: fp32, bf16, int8 weights dequantized in the product (what an int8
   Keras or Flax model would compute), and int8 weights [out, in] in a multiply-sum over 16-element blocks (a fused
   loop that reads the int8 bytes once: the formulation of an int8 product XLA CPU runs fastest, measured).
@@ -46,6 +49,7 @@ def torch_rows(arrays: list[np.ndarray], rows: int, repeats: int) -> dict[str, f
     import torch.nn.functional as F
 
     from opt_torch.linear import one_row_product
+    from opt_torch.quantization import int8_linear
 
     weights = [torch.from_numpy(a) for a in arrays]
     inputs = {dt: {k: torch.randn(rows, k, dtype=dt) for k in (768, 3072)} for dt in (torch.float32, torch.bfloat16)}
@@ -69,6 +73,7 @@ def torch_rows(arrays: list[np.ndarray], rows: int, repeats: int) -> dict[str, f
     # compilation per weight shape and dtype (more than dynamo's default limit, past which it would run eagerly)
     torch._dynamo.config.recompile_limit = 64
     compiled = torch.compile(lambda x, w: one_row_product(x, w, None) if rows == 1 else F.linear(x, w), dynamic=False)
+    compiled_int8 = torch.compile(lambda x, q, s: int8_linear(x, q, s, None), dynamic=False)
     pointwise = lambda x, w, p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")  # noqa: E731
     with torch.no_grad():
         return {
@@ -86,6 +91,9 @@ def torch_rows(arrays: list[np.ndarray], rows: int, repeats: int) -> dict[str, f
             "torch oneDNN packed bf16": best_ms(run(bf16_packed, pointwise, torch.bfloat16), repeats),
             "torch int8 _weight_int8pack_mm (bf16 act.)": best_ms(
                 run(int8, lambda x, q, s: torch.ops.aten._weight_int8pack_mm(x, q, s), torch.bfloat16), repeats
+            ),
+            "torch.compile int8 (one row: multiply-sum, fp32 act.)": best_ms(
+                run(int8, lambda x, q, s: compiled_int8(x, q, s)), repeats
             ),
         }
 

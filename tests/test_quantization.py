@@ -379,13 +379,14 @@ def _with_int8_head(model):
     return model
 
 
+@pytest.mark.parametrize("rows", [3, 1])
 @pytest.mark.parametrize("compile", [False, True])
-def test_greedy_generate_equals_the_dequantized_float_model(hf_checkpoint, compile):
-    """Over 20 tokens, batch of 3 left-padded rows: the same ids with the packed op (bf16 activations) as with
-    the float model on the dequantized weights (the LM head's too: generate computes it in int8), eager and
-    compiled."""
+def test_greedy_generate_equals_the_dequantized_float_model(hf_checkpoint, compile, rows):
+    """Over 20 tokens, a batch of 3 left-padded rows or 1: the same ids with the packed op (bf16 activations) or,
+    compiled at one row, the fused multiply-sum (fp32) as with the float model on the dequantized weights (the LM
+    head's too: generate computes it in int8)."""
     folder, _ = hf_checkpoint("pre_ln")
-    ids, mask = sample_batch()
+    ids, mask = (a[:rows] for a in sample_batch())
     options = dict(max_new_tokens=20, eos_token_id=None, no_repeat_ngram_size=0)
     reference = _with_int8_head(_dequantized_float(folder))
     expected = reference.generate(torch.from_numpy(ids), torch.from_numpy(mask), **options)

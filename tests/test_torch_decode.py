@@ -176,3 +176,21 @@ def test_a_compiled_one_row_product_is_fused_not_an_mm():
         assert "mm(" in "".join(code)
     _, code = run_and_get_code(compiled, x)  # with autograd (training): F.linear as written
     assert "mm(" in "".join(code)
+
+
+def test_a_compiled_one_row_int8_product_is_fused_and_equals_the_dequantized_weights():
+    from torch._inductor.utils import run_and_get_code
+
+    from opt_torch.quantization import Int8Linear
+
+    weight = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 48), weight, torch.rand(48) / 100)
+    compiled = torch.compile(layer, dynamic=False)
+    with torch.no_grad():
+        x = torch.randn(1, 64)
+        y, code = run_and_get_code(compiled, x)
+        expected = torch.nn.functional.linear(x, layer.dequantized(), layer.bias)
+        torch.testing.assert_close(y, expected, rtol=0, atol=FP32_ATOL)
+        assert "mm(" not in "".join(code) and "int8_pack_mm" not in "".join(code)
+        _, code = run_and_get_code(compiled, torch.randn(3, 64))  # several rows: the packed op
+        assert "int8_pack_mm" in "".join(code)
