@@ -15,9 +15,12 @@ The forward uses `torch.ops.aten._weight_int8pack_mm(x, q, scale)` (torch 2.13, 
 * it has no autograd formula.
 Otherwise (another device, other in_features, or a gradient needed, as for LoRA training over the frozen base) the
 layer computes `F.linear(x, q * scale)` with the weight dequantized in float32 and cast to x's dtype: the same
-math as the float model holding the dequantized weights.
+math as the float model holding the dequantized weights. Under `torch.compile` a one-row product with no gradient
+(a compiled decode step at batch one) is a multiply-sum over the int8 weight in x's dtype (`int8_linear`), which
+Inductor fuses into one loop.
 
-Siblings: none yet (the TF and Flax int8 paths are to come, issue 12).
+Siblings: none. Keras and Flax load int8 folders dequantized: XLA CPU's int8 products are slower than its fp32
+(BENCHMARKS.md, issue 12).
 """
 
 from __future__ import annotations
