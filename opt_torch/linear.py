@@ -47,9 +47,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            if one_row_inference(x, self.weight):
-                return one_row_product(x, self.weight, self.bias)
-            return F.linear(x, self.weight, self.bias)
+            weight = self.weight
+            if one_row_inference(x) and type(weight) is nn.Parameter and weight.dtype in PACKED_DTYPES:
+                return one_row_product(x, weight, self.bias)
+            return F.linear(x, weight, self.bias)
         if self.packed is not None and PACKED.get():
             packed, packed_from, _ = self.packed
             if packed_from == weight_identity(self.weight) and x.dtype == packed.dtype and x.device.type == "cpu":
@@ -76,16 +77,10 @@ class Linear(nn.Linear):
         return {**super().__getstate__(), "packed": None}
 
 
-def one_row_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A product of one row of activations by a plain CPU weight with no gradient to track: a decode step at batch
-    one, which `one_row_product` computes faster under `torch.compile` (the docstring at the top)."""
-    return (
-        x.numel() == x.shape[-1]
-        and x.device.type == "cpu"
-        and type(weight) is nn.Parameter
-        and weight.dtype in PACKED_DTYPES
-        and not torch.is_grad_enabled()
-    )
+def one_row_inference(x: torch.Tensor) -> bool:
+    """One row of activations on the CPU with no gradient to track: a decode step at batch one, whose products
+    `one_row_product` computes faster under `torch.compile` (the docstring at the top)."""
+    return x.numel() == x.shape[-1] and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def one_row_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opt_torch.linear import one_row_product
+from opt_torch.linear import one_row_inference, one_row_product
 from opt_torch.lora import LoraLinear
 
 PACK_MM_DTYPE = torch.bfloat16  # the op's fastest activation dtype on CPU (above)
@@ -42,7 +42,7 @@ def has_pack_mm() -> bool:
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
     """x [..., in] @ (weight int8 [out, in] * scale [out]).T + bias, in x's dtype."""
-    if torch.compiler.is_compiling() and _one_row_inference(x):
+    if torch.compiler.is_compiling() and one_row_inference(x):
         # One row under torch.compile (a compiled decode step at batch one): the multiply-sum Inductor fuses into one
         # vectorized loop that reads each int8 byte once, in x's dtype, then the scales. The int8 LM head of opt-125m
         # took 0.72 ms that way against 1.28 ms through the packed op (`benchmarks/linear_kernels.py --rows 1`), and
@@ -74,10 +74,6 @@ def _packed_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
 @_packed_matmul.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
-
-
-def _one_row_inference(x: torch.Tensor) -> bool:
-    return x.numel() == x.shape[-1] and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def _packed_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
