@@ -1,10 +1,11 @@
 """Per-token time of Flax greedy decode (opt-125m shape, random weights, fp32), for profiling changes quickly.
 
-    python benchmarks/flax_step.py [--batch 1] [--stored]
+    python benchmarks/flax_step.py [--batch 1] [--layout rule|copy|stored]
 
 Times (best of several) `generate` with 128 new tokens, as `benchmarks/decode.py` does, without the other
-frameworks; `--stored` decodes with the params as stored ([in, out] kernels) instead of the decode-time view
-(`opt_flax.decode_layout.decode_params`, [out, in] kernels).
+frameworks. `--layout`: the kernels generate decodes with, by its rule (`rule`, the default:
+`opt_core.generation.decode_layout_pays`, the [out, in] view at one row only), or always the view (`copy`,
+`opt_flax.decode_layout.decode_params`), or always the params as stored (`stored`, [in, out] kernels).
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--stored", action="store_true", help="decode with the params as stored, not the view")
+    parser.add_argument("--layout", choices=("rule", "copy", "stored"), default="rule")
     args = parser.parse_args()
 
     import opt_flax
+    import opt_flax.decode_layout
     from opt_core import OPTConfig
 
+    if args.layout != "rule":
+        opt_flax.decode_layout.decode_layout_pays = lambda *a, **k: args.layout == "copy"
     config = OPTConfig.from_preset("opt-125m")
     model = opt_flax.FlaxOPTForCausalLM(config)
-    if args.stored:
-        model._decode_params = lambda params: params
     ids = np.random.default_rng(0).integers(3, 50000, size=(args.batch, 16))
     run = lambda: model.generate(ids, max_new_tokens=args.new, eos_token_id=None)  # noqa: E731
     seconds = best_of(run)

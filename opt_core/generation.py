@@ -34,11 +34,12 @@ def decode_layout_pays(parameter_bytes: int, on_cpu: bool, rows: int) -> bool:
     """Whether TF and Flax decode with a transposed, [out, in] copy of the dense kernels, for decode steps of
     `rows` rows (`GenerationCall.step_rows`).
 
-    XLA CPU's matrix-vector products read that layout faster, and only those: at one row opt-125m greedy decode on
-    this project's 2-core CPU made 65.5 tokens/s with the copy against 57.4 without in TF (Flax 69.9 against 65.9);
-    at two rows 58.0 against 92.9, at four 105.1 against 169.4, at eight 166.1 against 262.1 (Flax 205.5 against
-    262.4), where XLA's matrix-matrix product wants the stored [in, out] kernels. Accelerators gain nothing, and
-    doubling a large model's kernels costs more memory than the copy saves time.
+    XLA CPU's matrix-vector products read that layout faster, and only those. opt-125m greedy decode on this
+    project's 2-core CPU (`python benchmarks/tf_step.py --batch B --layout copy|stored`, and `flax_step.py`), tokens/s
+    with the copy against the stored kernels: at one row TF 78.8 against 51.9, Flax 71.6-76.3 against 64.1-69.7
+    (three alternating runs); at two rows TF 56.2 against 106.7, Flax 78.0 against 104.8; at eight TF 189.9 against
+    248.6, Flax 225.3 against 283.1, where XLA's matrix-matrix product wants the stored [in, out] kernels.
+    Accelerators gain nothing, and doubling a large model's kernels costs more memory than the copy saves time.
     """
     return on_cpu and rows == 1 and parameter_bytes <= DECODE_LAYOUT_MAX_BYTES
 

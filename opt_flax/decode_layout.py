@@ -3,9 +3,9 @@
 Siblings: `opt_tf/decode_layout.py` decodes with the same layout (a per-layer [out, in] copy); `opt_torch` needs none
 (its weights are stored [out, in]). Whether the copy pays is decided once for both, in
 `opt_core.generation.decode_layout_pays`: on CPUs, for decode steps of one row (batch one, no beams), up to
-`DECODE_LAYOUT_MAX_BYTES` of parameters. Measured on this project's 2-core CPU, opt-125m greedy decode at batch 1:
-65.9 tokens/s with the stored kernels, 69.9 with these; at batch 8 262.4 against 205.5, so more rows read the stored
-kernels.
+`DECODE_LAYOUT_MAX_BYTES` of parameters. Measured on this project's 2-core CPU (`python benchmarks/flax_step.py
+--batch B --layout stored|copy`), opt-125m greedy decode at batch 1: 64.1-69.7 tokens/s with the stored kernels,
+71.6-76.3 with these (three alternating runs); at batch 8 283.1 against 225.3, so more rows read the stored kernels.
 
 `decode_params` replaces every 2-D dense `kernel` ([in, out]) with `kernel_t` ([out, in]), which
 `opt_flax.modeling.OPTDense` contracts on its last dimension; a `DecodeLayout` keeps that view on the model while
