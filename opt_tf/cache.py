@@ -19,18 +19,26 @@ Shapes: B batch, T new tokens, S cache length, N heads, H head dim, L layers.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from opt_core.cache import StaticCacheShape
 from opt_core.config import OPTConfig
+from opt_tf.shapes import dims
 
 
 def write_slots(cache: tf.Tensor, new: tf.Tensor, cache_index) -> tf.Tensor:
     """Writes B T N H `new` into slots cache_index .. cache_index + T - 1 of the B S N H `cache`."""
-    batch, length = tf.shape(new)[0], tf.shape(new)[1]
-    rows = tf.broadcast_to(tf.range(batch)[:, None], (batch, length))
-    slots = tf.broadcast_to(tf.cast(cache_index, tf.int32) + tf.range(length)[None, :], (batch, length))
-    return tf.tensor_scatter_nd_update(cache, tf.stack([rows, slots], axis=-1), tf.cast(new, cache.dtype))
+    batch, length = dims(new)[:2]
+    index = tf.cast(cache_index, tf.int32)
+    if isinstance(batch, int) and isinstance(length, int):  # traced with static shapes: one constant grid
+        grid = np.stack(np.meshgrid(np.arange(batch), np.arange(length), indexing="ij"), axis=-1)  # B T 2
+        indices = grid.astype(np.int32) + tf.stack([0, index])
+    else:
+        rows = tf.broadcast_to(tf.range(batch)[:, None], (batch, length))
+        slots = tf.broadcast_to(index + tf.range(length)[None, :], (batch, length))
+        indices = tf.stack([rows, slots], axis=-1)  # B T 2: (row, slot)
+    return tf.tensor_scatter_nd_update(cache, indices, tf.cast(new, cache.dtype))
 
 
 class LayerCache:

@@ -37,6 +37,7 @@ import tensorflow as tf  # noqa: E402
 
 from opt_core.generation import decode_layout_pays  # noqa: E402
 from opt_tf import lora  # noqa: E402
+from opt_tf.shapes import dims  # noqa: E402
 
 
 class OPTDense(keras.layers.Dense):
@@ -57,14 +58,15 @@ class OPTDense(keras.layers.Dense):
                 return super().call(inputs)
             return lora.adapted_dense_call(self, weights, super().call, inputs, training)
         kernel = tf.cast(kernel, inputs.dtype)  # out in(+1)
-        batch_shape = tf.shape(inputs)[:-1]
+        batch_shape = dims(inputs)[:-1]
         flat = tf.reshape(inputs, (-1, inputs.shape[-1]))  # N in
         if self.use_bias:
-            flat = tf.concat([flat, tf.ones_like(flat[:, :1])], axis=1)  # N in+1: the 1 picks up the bias column
+            ones = tf.ones((flat.shape[0], 1), flat.dtype) if flat.shape[0] is not None else tf.ones_like(flat[:, :1])
+            flat = tf.concat([flat, ones], axis=1)  # N in+1: the 1 picks up the bias column
         # kernel @ flat^T, then transposed back: XLA then contracts the kernel's last dimension in place, where
         # `matmul(flat, kernel, transpose_b=True)` adds a transpose of the kernel that XLA CPU fuses into a loop.
         outputs = tf.transpose(tf.matmul(kernel, flat, transpose_b=True))  # N out
-        return tf.reshape(outputs, tf.concat([batch_shape, [self.units]], axis=0))
+        return tf.reshape(outputs, [*batch_shape, self.units])
 
 
 def dense_layers(model: keras.layers.Layer) -> list[OPTDense]:

@@ -14,11 +14,12 @@ loop condition stops as soon as every row has finished and the host slices the b
 `opt_core.generation.DecodeOptions` carries the options: fields that shape the program (strategy switches, top_k,
 n-gram size, beams, lengths) are Python values, and the model keeps one `tf.function` per combination of them;
 numeric values (temperature, penalties, eos ids, min length) are tensors, so changing them reuses the compiled
-program. `TRACES` counts the traces (a retrace means a recompile; tests use it). On CPU the programs read the dense
-kernels in the [out, in] layout XLA's matrix-vector products prefer (`opt_tf.decode_layout`), refreshed before every
-call. An active LoRA adapter (`opt_tf.lora`) applies in every program: the layout holds the adapted weights, and
-without a layout the layers add the LoRA branch; a program is compiled per adapter state, never reused after
-`set_adapter`, `merge_adapter`, `disable_adapters` and the like.
+program. `TRACES` counts the traces (a retrace means a recompile; tests use it) and `TRACE_SECONDS` their time in
+Python (`benchmarks/first_call.py`). On CPU the programs read the dense kernels in the [out, in] layout XLA's
+matrix-vector products prefer (`opt_tf.decode_layout`), refreshed before every call. An active LoRA adapter
+(`opt_tf.lora`) applies in every program: the layout holds the adapted weights, and without a layout the layers add
+the LoRA branch; a program is compiled per adapter state, never reused after `set_adapter`, `merge_adapter`,
+`disable_adapters` and the like.
 
 Host loops: `tf.py_function` / `tf.numpy_function` cannot run inside an XLA program, so the two features that need
 Python between tokens, a streamer and stop strings (which need the tokenizer), run as a host loop of compiled steps
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 import weakref
 from typing import NamedTuple
 
@@ -45,6 +47,7 @@ from opt_tf import lora
 from opt_tf.decode_layout import DecodeLayout, dense_layers
 
 TRACES: collections.Counter = collections.Counter()  # function name -> times traced (a retrace means a recompile)
+TRACE_SECONDS: collections.Counter = collections.Counter()  # function name -> seconds its Python body spent tracing
 
 NEG_INF = -float("inf")
 
@@ -566,8 +569,11 @@ class _Program:
 
     def __call__(self, *args):
         TRACES[self.name] += 1  # runs only while tracing
+        start = time.perf_counter()
         options = dataclasses.replace(self.statics, **args[-1])  # the traced values in their fields
-        return self.body(_LayoutModel(self.model(), self.layout), options, *args[:-1])
+        outputs = self.body(_LayoutModel(self.model(), self.layout), options, *args[:-1])
+        TRACE_SECONDS[self.name] += time.perf_counter() - start
+        return outputs
 
 
 class _Compiled:

@@ -39,6 +39,7 @@ from opt_tf.cache import DynamicKVCache, KVCache  # noqa: E402
 from opt_tf.decode_layout import OPTDense  # noqa: E402
 from opt_tf.generation import GenerationMixin  # noqa: E402
 from opt_tf.pretrained import PreTrainedOPT  # noqa: E402
+from opt_tf.shapes import dims  # noqa: E402
 
 
 def _nestable(cls):
@@ -92,7 +93,7 @@ def make_position_ids(attention_mask: tf.Tensor, past_length, query_length) -> t
 
 def make_attention_mask(attention_mask: tf.Tensor, query_length, past_length) -> tf.Tensor:
     """B S padding mask -> B 1 T S boolean mask, True where query t may attend key s (causal and not padded)."""
-    key_length = tf.shape(attention_mask)[1]
+    key_length = dims(attention_mask)[1]
     query_pos = tf.range(query_length)[:, None] + past_length
     key_pos = tf.range(key_length)[None, :]
     return (key_pos <= query_pos)[None, None] & tf.cast(attention_mask, tf.bool)[:, None, None, :]
@@ -139,7 +140,7 @@ class OPTAttention(keras.layers.Layer):
             proj.build(input_shape)
 
     def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
-        b, t = tf.shape(x)[0], tf.shape(x)[1]
+        b, t, _ = dims(x)
         return tf.reshape(x, (b, t, self.num_heads, self.head_dim))  # B T D -> B T N H
 
     def call(self, hidden_states, mask, past_key_value=None, output_attentions=False, training=False):
@@ -153,7 +154,7 @@ class OPTAttention(keras.layers.Layer):
         scores = tf.einsum("btnh,bsnh->bnts", q, tf.cast(k, q.dtype))  # B N T S
         probs = masked_softmax(scores, mask)  # B N T S
         attn = tf.einsum("bnts,bsnh->btnh", self.dropout(probs, training=training), tf.cast(v, q.dtype))  # B T N H
-        b, t = tf.shape(attn)[0], tf.shape(attn)[1]
+        b, t, _, _ = dims(attn)
         attn = tf.reshape(attn, (b, t, self.num_heads * self.head_dim))  # B T N H -> B T D
         return self.out_proj(attn), (k, v), probs if output_attentions else None
 
@@ -278,7 +279,7 @@ class OPTDecoder(keras.layers.Layer):
             _validate(self.config, input_ids, attention_mask, position_ids, cache, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = _lookup_without_pad_gradient(self.embed_tokens, input_ids, self.config.pad_token_id)
-        batch, length = tf.shape(inputs_embeds)[0], tf.shape(inputs_embeds)[1]
+        batch, length = dims(inputs_embeds)[:2]
         past_length = _past_length(cache)
         attention_mask = _padding_mask(attention_mask, cache, past_length, (batch, length))  # B S
         if position_ids is None:
