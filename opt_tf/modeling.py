@@ -77,10 +77,30 @@ def dense(units: int, use_bias: bool, name: str, dtype, initializer) -> OPTDense
     return OPTDense(units, use_bias=use_bias, kernel_initializer=initializer, name=name, dtype=dtype)
 
 
-def layer_norm(config: OPTConfig, name: str, dtype) -> keras.layers.LayerNormalization:
-    # Keras' LayerNormalization computes in float32 whatever the policy; torch's epsilon.
+class OPTLayerNorm(keras.layers.LayerNormalization):
+    """Keras' LayerNormalization over the last axis, computed with Keras' own operations in Keras' order (so the
+    same numbers and gradients), without the reshapes and conversions its general-axis code adds to every traced
+    call: the model's 25 norms were a fifth of `generate`'s trace (`benchmarks/first_call.py`)."""
+
+    def call(self, inputs):
+        x = tf.convert_to_tensor(inputs)
+        if x.dtype in (tf.float16, tf.bfloat16):  # statistics in float32 whatever the policy, as Keras
+            x = tf.cast(x, tf.float32)
+        mean = tf.reduce_mean(x, axis=-1, keepdims=True)  # tf.nn.moments' two means
+        variance = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), axis=-1, keepdims=True)
+        inv = tf.math.rsqrt(variance + self.epsilon)
+        if self.scale:
+            inv = inv * tf.cast(self.gamma, x.dtype)
+        shift = -mean * inv
+        if self.center:
+            shift = shift + tf.cast(self.beta, x.dtype)
+        return tf.cast(x * inv + shift, self.compute_dtype)
+
+
+def layer_norm(config: OPTConfig, name: str, dtype) -> OPTLayerNorm:
+    # Computes in float32 whatever the policy (as Keras' LayerNormalization); torch's epsilon.
     affine = config.layer_norm_elementwise_affine
-    return keras.layers.LayerNormalization(epsilon=1e-5, center=affine, scale=affine, name=name, dtype=dtype)
+    return OPTLayerNorm(epsilon=1e-5, center=affine, scale=affine, name=name, dtype=dtype)
 
 
 def make_position_ids(attention_mask: tf.Tensor, past_length, query_length) -> tf.Tensor:

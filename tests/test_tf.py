@@ -23,7 +23,7 @@ import opt_tf  # noqa: E402
 import opt_torch  # noqa: E402
 from opt_core.formats import read_checkpoint  # noqa: E402
 from opt_core.weights import parameter_specs  # noqa: E402
-from opt_tf.modeling import KVCache  # noqa: E402
+from opt_tf.modeling import KVCache, OPTLayerNorm  # noqa: E402
 
 OURS = {
     "base": opt_tf.TFOPTModel,
@@ -207,6 +207,34 @@ def test_dropout_only_in_training(loaded):
     inference = model(ids, attention_mask=mask).logits
     np.testing.assert_array_equal(inference, ours(ids, attention_mask=mask).logits)
     assert not np.allclose(model(ids, attention_mask=mask, training=True).logits, inference)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_equals_keras_bit_for_bit(policy, affine):
+    """OPTLayerNorm is Keras' LayerNormalization with fewer traced operations: the same bits, values and gradients,
+    eagerly and under XLA."""
+    rng = np.random.default_rng(0)
+    ours = OPTLayerNorm(epsilon=1e-5, center=affine, scale=affine, dtype=policy)
+    keras_norm = keras.layers.LayerNormalization(epsilon=1e-5, center=affine, scale=affine, dtype=policy)
+    x = tf.constant(rng.normal(1.0, 3.0, size=(2, 5, 64)).astype(np.float32))
+    for layer in (ours, keras_norm):
+        layer.build(x.shape)
+        if affine:
+            layer.set_weights([np.linspace(-2, 2, 64, dtype=np.float32), np.linspace(1, -1, 64, dtype=np.float32)])
+
+    def value_and_gradients(layer):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) ** 2)
+        return [y, *tape.gradient(loss, [x, *layer.trainable_weights])]
+
+    for got, want in zip(value_and_gradients(ours), value_and_gradients(keras_norm)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    compiled = [tf.function(layer.__call__, jit_compile=True, autograph=False)(x) for layer in (ours, keras_norm)]
+    np.testing.assert_array_equal(np.asarray(compiled[0], np.float32), np.asarray(compiled[1], np.float32))
 
 
 # ----- variables: the parameter table's
