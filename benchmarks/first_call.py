@@ -67,13 +67,14 @@ def _child(framework: str, folder: Path, prompt: int, new_tokens: int) -> dict:
     if framework == "torch-compile":
         import torch._dynamo.utils
 
-        raw = torch._dynamo.utils.compile_times(repr="raw")
+        names, seconds = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+        totals = dict(zip(names, seconds))
         for name, key in (
             ("_compile.compile_inner", "compile"),
             ("bytecode_tracing", "trace"),
             ("OutputGraph.call_user_compiler", "backend"),
         ):
-            phases[key] = sum(raw.get(name, []))
+            phases[key] = float(totals.get(name, 0.0))
     if framework == "tf":
         from opt_tf import generation
 

@@ -39,6 +39,25 @@ class LayerCache:
         return self.cache.update(self.layer_idx, k, v, self.cache_position)
 
 
+class StaticLayerCache:
+    """One layer's buffers of a `StaticKVCache` and the slots the new tokens go to: tensors only, so a compiled
+    layer region (`opt_torch.modeling`) takes them as its inputs.
+
+    Args:
+        keys, values: the layer's B N S H buffers, written in place.
+        cache_position: T slots the new tokens go to.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache_position: torch.Tensor):
+        self.keys, self.values, self.cache_position = keys, values, cache_position
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B N T H new keys and values -> B N S H all of this layer's."""
+        k_all = self.keys.index_copy_(2, self.cache_position, k)  # B N S H
+        v_all = self.values.index_copy_(2, self.cache_position, v)  # B N S H
+        return k_all, v_all
+
+
 class StaticKVCache:
     """Preallocated keys and values for compiled decoding: per layer B N S H, S = max_length.
 
@@ -68,14 +87,12 @@ class StaticKVCache:
     def max_length(self) -> int:
         return self.keys[0].shape[2]
 
-    def layer(self, layer_idx: int, cache_position: torch.Tensor) -> LayerCache:
-        return LayerCache(self, layer_idx, cache_position)
+    def layer(self, layer_idx: int, cache_position: torch.Tensor) -> StaticLayerCache:
+        return StaticLayerCache(self.keys[layer_idx], self.values[layer_idx], cache_position)
 
     def update(self, layer_idx: int, k, v, cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes B N T H `k`, `v` at the T slots `cache_position` of layer `layer_idx`; returns its B N S H."""
-        k_all = self.keys[layer_idx].index_copy_(2, cache_position, k)  # B N S H
-        v_all = self.values[layer_idx].index_copy_(2, cache_position, v)  # B N S H
-        return k_all, v_all
+        return self.layer(layer_idx, cache_position).update(k, v)
 
     def check(self, cache_position: torch.Tensor, batch_and_length: tuple[int, int], mask_shape) -> None:
         """Clear errors for new tokens that do not fit: batch, room left, and a mask over all S slots."""

@@ -162,9 +162,22 @@ class GenerationMixin:
             return decode_step
         if getattr(self, "is_dispatched", False):  # accelerate's hooks run Python around every module
             raise ConfigError("compile=True needs a model on one device; this one was dispatched by device_map")
+        own_storage_for_layers(self)
         if getattr(self, "_compiled_step", None) is None:
             self._compiled_step = torch.compile(decode_step, dynamic=False, fullgraph=True)
         return self._compiled_step
+
+
+def own_storage_for_layers(model) -> None:
+    """Gives each decoder-layer tensor that is a view into a larger storage a storage of its own, in place (the same
+    Parameter objects). A compiled step runs each layer as one nested compile region (`opt_torch.modeling.
+    compiled_layer`), and torch.compile refuses a region whose inputs share a storage; a model loaded from
+    safetensors has all its weights in one copy-on-write mapping of the file (`opt_torch.pretrained`). So a
+    `compile=True` model holds its layers' weights in memory of its own, as eager decoding holds packed copies."""
+    with torch.no_grad():
+        for tensor in [*model.model.decoder.layers.parameters(), *model.model.decoder.layers.buffers()]:
+            if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
 
 
 # A CPU decode step multiplies the LM head's weight W [V, E] by one row (or a few) of activations. MKL reads W faster

@@ -29,7 +29,7 @@ from opt_core.outputs import (
     QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
 )
-from opt_torch.cache import DynamicKVCache, StaticKVCache
+from opt_torch.cache import DynamicKVCache, StaticKVCache, StaticLayerCache
 from opt_torch.generation import GenerationMixin
 from opt_torch.linear import Linear
 from opt_torch.pretrained import PreTrainedOPT
@@ -156,6 +156,21 @@ class OPTDecoderLayer(nn.Module):
         return hidden_states, probs
 
 
+def compiled_layer(layer: OPTDecoderLayer, hidden_states, mask, past: StaticLayerCache) -> torch.Tensor:
+    """A decoder layer over its static cache inside `torch.compile` (the compiled decode step): one nested compile
+    region, so dynamo traces and Inductor compiles one layer and stamps it out L times, instead of tracing and
+    compiling every layer (opt-125m's cold first `generate(compile=True)`: see BENCHMARKS.md)."""
+    return _layer_region(layer, hidden_states, mask, past.keys, past.values, past.cache_position)
+
+
+# A region is reused where its inputs match in structure, shapes and dtypes; layers that differ (LoRA on some layers
+# only, ranks per layer) get one traced region each, up to one per layer.
+@torch.compiler.nested_compile_region(max_reuse_entries=1024)
+def _layer_region(layer, hidden_states, mask, keys, values, cache_position):
+    hidden_states, _ = layer(hidden_states, mask, StaticLayerCache(keys, values, cache_position))
+    return hidden_states
+
+
 class OPTDecoder(nn.Module):
     def __init__(self, config: OPTConfig):
         super().__init__()
@@ -236,7 +251,10 @@ class OPTDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             all_hidden.append(hidden_states)
             past = cache.layer(i, cache_position) if cache is not None else None
-            hidden_states, probs = layer(hidden_states, mask, past, output_attentions)
+            if isinstance(past, StaticLayerCache) and not output_attentions and torch.compiler.is_compiling():
+                hidden_states, probs = compiled_layer(layer, hidden_states, mask, past), None
+            else:
+                hidden_states, probs = layer(hidden_states, mask, past, output_attentions)
             all_attn.append(probs)
         return hidden_states, all_hidden, all_attn
 

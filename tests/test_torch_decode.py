@@ -162,6 +162,40 @@ def test_compiled_decode_reuses_its_program_within_a_cache_length_bucket(hf_chec
     assert counters["stats"]["unique_graphs"] == graphs + 2  # the two other strategies' batch sizes, once each
 
 
+def test_the_compiled_step_traces_one_layer_and_stamps_it_out(hf_checkpoint):
+    """The compiled step runs every decoder layer as one nested compile region (opt_torch.modeling.compiled_layer):
+    one traced layer graph, called once per layer. The file-mapped weights that enter it get storages of their own
+    (a region refuses inputs sharing one), the same Parameter objects with the same values."""
+    from opt_torch.generation import decode_step, own_storage_for_layers
+
+    folder, _ = hf_checkpoint("pre_ln")
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder)
+    layers = model.model.decoder.layers
+    parameters = {name: (p, p.detach().clone()) for name, p in layers.named_parameters()}
+    assert len({p.untyped_storage().data_ptr() for p, _ in parameters.values()}) == 1  # one mapping of the file
+    own_storage_for_layers(model)
+    assert len({p.untyped_storage().data_ptr() for p, _ in parameters.values()}) == len(parameters)
+    for name, p in layers.named_parameters():
+        assert p is parameters[name][0] and torch.equal(p, parameters[name][1])
+
+    graphs = []
+
+    def capture(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    cache = model.init_cache(1, 8)
+    step = torch.compile(decode_step, backend=capture, fullgraph=True)
+    tokens, mask, slot = IDS[:1, :1], torch.ones(1, 8, dtype=torch.long), torch.tensor([0])
+    with torch.no_grad():
+        logits, _ = step(model, tokens, mask, cache, slot)
+        expected, _ = decode_step(model, tokens, mask, model.init_cache(1, 8), slot)
+    calls = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == model.config.num_hidden_layers
+    assert len({n.args[0].target for n in calls}) == 1  # one layer graph, stamped out
+    torch.testing.assert_close(logits, expected, atol=FP32_ATOL, rtol=0)
+
+
 def test_a_compiled_one_row_product_is_fused_not_an_mm():
     from torch._inductor.utils import run_and_get_code
 
