@@ -17,6 +17,9 @@ own accounting:
       XLA compiling (or loading) it;
   flax: JAX's trace to a jaxpr, its lowering to MLIR, and XLA's backend compile (`jax.monitoring` events; a cache
       hit is a load, reported as compile).
+To time an older checkout with this script, put it first on the path: `PYTHONPATH=/path/to/old python
+benchmarks/first_call.py` (the processes import `opt_*` from there; its TF rows then show no trace time).
+
 A last line times `import torch._dynamo, torch._inductor.compile_fx` alone in a fresh process: torch pays it at the
 first `compile=True` call, inside the first call's time.
 """
@@ -78,7 +81,7 @@ def _child(framework: str, folder: Path, prompt: int, new_tokens: int) -> dict:
     if framework == "tf":
         from opt_tf import generation
 
-        phases["trace"] = sum(generation.TRACE_SECONDS.values())
+        phases["trace"] = sum(getattr(generation, "TRACE_SECONDS", {}).values())  # absent before it was added
     return {"load_s": loaded, "first_s": first, "again_s": again, "phases": dict(phases)}
 
 
