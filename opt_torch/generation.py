@@ -176,6 +176,8 @@ def own_storage_for_layers(model) -> None:
     `compile=True` model holds its layers' weights in memory of its own, as eager decoding holds packed copies."""
     with torch.no_grad():
         for tensor in [*model.model.decoder.layers.parameters(), *model.model.decoder.layers.buffers()]:
+            if type(tensor.data) is not torch.Tensor:  # a tensor subclass (DTensor) owns no plain storage
+                continue
             if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
                 tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
 
