@@ -44,7 +44,13 @@ def decode_step(model, tokens, attention_mask, cache, slot):
     Every call has the same shapes, so `torch.compile` compiles it once per (B, S).
     """
     hidden = model.model.decoder(
-        tokens, attention_mask, past_key_values=cache, use_cache=True, cache_position=slot, validate=False
+        tokens,
+        attention_mask,
+        past_key_values=cache,
+        use_cache=True,
+        cache_position=slot,
+        validate=False,
+        layer_regions=True,  # compiled: each layer one region (opt_torch.modeling.compiled_layer)
     ).last_hidden_state[:, -1]
     return lm_logits(model, hidden), hidden
 
@@ -148,7 +154,9 @@ class GenerationMixin:
                 with beam search, which settles its text only at the end.
             seed: seeds the sampling draws (reproducible, and identical across the three frameworks).
             tokenizer: needed for `stop_strings`.
-            compile: run the decode step through `torch.compile` (one compilation per batch size and length).
+            compile: run the decode step through `torch.compile` (one compilation per batch size and cache length
+                bucket, each decoder layer traced once); the layers' weights then get memory of their own instead
+                of the checkpoint file's mapping (`own_storage_for_layers`).
             **kwargs: GenerationConfig fields, e.g. max_new_tokens=50, do_sample=True, top_p=0.9.
         """
         prompt, mask = _host(input_ids), _host(attention_mask)

@@ -207,6 +207,7 @@ class OPTDecoder(nn.Module):
         output_hidden_states=False,
         cache_position=None,
         validate=True,
+        layer_regions=False,
     ) -> BaseModelOutputWithPast:
         input_ids, (batch, length) = _new_tokens(input_ids, inputs_embeds)
         device = (input_ids if input_ids is not None else inputs_embeds).device
@@ -224,8 +225,9 @@ class OPTDecoder(nn.Module):
         mask = make_attention_mask(attention_mask, cache_position)  # B 1 T S
 
         hidden_states = self._embed(input_ids, inputs_embeds, position_ids)
+        # layer_regions: generate's compiled step (opt_torch.generation.decode_step) runs the layers as regions.
         hidden_states, all_hidden, all_attn = self._run_layers(
-            hidden_states, mask, cache, cache_position, output_attentions
+            hidden_states, mask, cache, cache_position, output_attentions, layer_regions
         )
         hidden_states = self._finish(hidden_states)
         # As HF: L + 1 entries, each layer's input, then the final (normed, projected) state.
@@ -245,13 +247,15 @@ class OPTDecoder(nn.Module):
         hidden_states = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)
         return F.dropout(hidden_states, p=self.dropout, training=self.training)
 
-    def _run_layers(self, hidden_states, mask, cache, cache_position, output_attentions):
-        """The L layers: the last one's output, each layer's input, each layer's attention probs (or None)."""
+    def _run_layers(self, hidden_states, mask, cache, cache_position, output_attentions, layer_regions=False):
+        """The L layers: the last one's output, each layer's input, each layer's attention probs (or None). With
+        `layer_regions`, under torch.compile, over a static cache, each layer is one nested compile region."""
+        regions = layer_regions and not output_attentions and torch.compiler.is_compiling()
         all_hidden, all_attn = [], []
         for i, layer in enumerate(self.layers):
             all_hidden.append(hidden_states)
             past = cache.layer(i, cache_position) if cache is not None else None
-            if isinstance(past, StaticLayerCache) and not output_attentions and torch.compiler.is_compiling():
+            if regions and isinstance(past, StaticLayerCache):
                 hidden_states, probs = compiled_layer(layer, hidden_states, mask, past), None
             else:
                 hidden_states, probs = layer(hidden_states, mask, past, output_attentions)

@@ -196,6 +196,25 @@ def test_the_compiled_step_traces_one_layer_and_stamps_it_out(hf_checkpoint):
     torch.testing.assert_close(logits, expected, atol=FP32_ATOL, rtol=0)
 
 
+def test_a_users_own_compile_of_the_decoder_inlines_the_layers(hf_checkpoint):
+    """Regions are generate's alone (`layer_regions=True` in its step): a user's torch.compile of the decoder over a
+    static cache still compiles a model whose weights share the file's mapping, with every layer inlined."""
+    folder, _ = hf_checkpoint("pre_ln")
+    model = opt_torch.OPTForCausalLM.from_pretrained(folder)
+    graphs = []
+
+    def capture(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    decoder = torch.compile(model.model.decoder, backend=capture, fullgraph=True)
+    tokens, mask, slot = IDS[:1, :1], torch.ones(1, 8, dtype=torch.long), torch.tensor([0])
+    with torch.no_grad():
+        decoder(tokens, mask, past_key_values=model.init_cache(1, 8), use_cache=True, cache_position=slot)
+    assert not [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len({p.untyped_storage().data_ptr() for p in model.model.decoder.layers.parameters()}) == 1
+
+
 def test_a_compiled_one_row_product_is_fused_not_an_mm():
     from torch._inductor.utils import run_and_get_code
 
