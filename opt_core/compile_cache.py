@@ -8,7 +8,7 @@ persistent cache (`opt_tf`), in one folder. PyTorch's inductor keeps its own FX-
 JAX's cache is on by default. TensorFlow's only when OPT_LM_COMPILE_CACHE names a folder: TensorFlow 2.21 reads
 each entry as a text proto before the binary one and logs the failure as an ERROR line ("Error parsing text-format
 tensorflow.XlaSerializedCacheEntry") on every warm start, and it saves only part of the first `generate`: the trace
-of the program, which it does not keep, is 1.5-2.6 s of it (opt-125m: 6.4-7.8 s of compiling cold, 4.2-4.3 s warm,
+of the program, which it does not keep, is 1.5-2.6 s of it (opt-125m: 6.4-9.2 s of compiling cold, 4.2-4.9 s warm,
 `benchmarks/first_call.py`; BENCHMARKS.md).
 
 A user's own setting wins: `jax.config.jax_compilation_cache_dir` already set, or `--tf_xla_persistent_cache_directory`
