@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from opt_torch.cache import StaticKVCache
+from opt_torch.cache import LayerCache, StaticKVCache
 from opt_torch.generation import lm_logits, prepare_decoding
 from opt_torch.generation import prefill as generate_prefill
 from opt_torch.linear import packed_linears
@@ -33,6 +33,9 @@ class RowSlotCache(StaticKVCache):
     def __init__(self, config, batch_size: int, max_length: int, dtype=torch.float32, device=None):
         super().__init__(config, batch_size, max_length, dtype, device)
         self.write_slots = torch.zeros(batch_size, dtype=torch.long, device=device)  # B
+
+    def layer(self, layer_idx: int, cache_position: torch.Tensor) -> LayerCache:
+        return LayerCache(self, layer_idx, cache_position)  # attention's writes go through `update` below
 
     def update(self, layer_idx: int, k, v, cache_position) -> tuple[torch.Tensor, torch.Tensor]:
         """B N 1 H new keys and values, one per row at its own slot; returns the first B rows' B N S H."""

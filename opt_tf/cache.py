@@ -28,17 +28,17 @@ from opt_tf.shapes import dims
 
 
 def write_slots(cache: tf.Tensor, new: tf.Tensor, cache_index) -> tf.Tensor:
-    """Writes B T N H `new` into slots cache_index .. cache_index + T - 1 of the B S N H `cache`."""
+    """Writes B T N H `new` into slots cache_index .. cache_index + T - 1 of the B S N H `cache` (`cache_index`: a
+    scalar, or B 1 for a slot per row)."""
     batch, length = dims(new)[:2]
-    index = tf.cast(cache_index, tf.int32)
-    if isinstance(batch, int) and isinstance(length, int):  # traced with static shapes: one constant grid
-        grid = np.stack(np.meshgrid(np.arange(batch), np.arange(length), indexing="ij"), axis=-1)  # B T 2
-        indices = grid.astype(np.int32) + tf.stack([0, index])
+    if isinstance(batch, int) and isinstance(length, int):  # traced with static shapes: constants
+        rows = np.repeat(np.arange(batch, dtype=np.int32)[:, None], length, axis=1)  # B T
+        offsets = np.arange(length, dtype=np.int32)[None, :]  # 1 T
     else:
         rows = tf.broadcast_to(tf.range(batch)[:, None], (batch, length))
-        slots = tf.broadcast_to(index + tf.range(length)[None, :], (batch, length))
-        indices = tf.stack([rows, slots], axis=-1)  # B T 2: (row, slot)
-    return tf.tensor_scatter_nd_update(cache, indices, tf.cast(new, cache.dtype))
+        offsets = tf.range(length)[None, :]
+    slots = tf.broadcast_to(tf.cast(cache_index, tf.int32) + offsets, (batch, length))  # B T
+    return tf.tensor_scatter_nd_update(cache, tf.stack([rows, slots], axis=-1), tf.cast(new, cache.dtype))
 
 
 class LayerCache:
